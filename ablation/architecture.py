@@ -1,0 +1,300 @@
+"""Which tensors write into (or read from) the residual stream, per model family, as data.
+
+Each family is a JSON file in ablation/architectures/: name templates relative to the text
+model's root (with ${layer} and ${expert}), the role of each tensor and the axis whose length is
+the hidden size. The checkpoint, not the config, says which layers are dense and which are MoE;
+the config only says how many experts a MoE layer must have. Nothing is guessed: a targeted
+layer whose attention, MLP or experts cannot be found is an error that lists what it holds.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass
+from functools import cache
+from importlib import resources
+from string import Template
+
+from pydantic import BaseModel, ConfigDict, ValidationError
+
+from ablation.checkpoint import ShardIndex, TensorInfo
+from ablation.errors import AblationError
+
+LOG = logging.getLogger(__name__)
+
+# role -> (the orders' component that selects it, whether it is a bias)
+ROLES: dict[str, tuple[str, bool]] = {
+    "attn_out": ("attn_out", False),
+    "attn_out_bias": ("attn_out", True),
+    "mlp_out": ("mlp_out", False),
+    "mlp_out_bias": ("mlp_out", True),
+    "expert_out": ("experts", False),
+    "expert_out_bias": ("experts", True),
+    "shared_expert_out": ("shared_experts", False),
+    "shared_expert_out_bias": ("shared_experts", True),
+    "router": ("router", False),
+    "embed": ("embed", False),
+}
+COMPONENTS = ("attn_out", "mlp_out", "experts", "shared_experts", "router", "embed", "biases")
+DEFAULT_COMPONENTS = ("attn_out", "mlp_out", "experts", "shared_experts", "router")
+
+# Suffixes that mark a quantized tensor (or its scales) next to, or instead of, a plain weight.
+QUANT_MARKERS: dict[str, str] = {
+    ".weight_scale_inv": "float8 with block scales",
+    ".weight_scale": "float8 with a per-tensor scale",
+    "_blocks": "MXFP4 blocks",
+    "_scales": "MXFP4 scales",
+    ".qweight": "int4 pack (GPTQ/AWQ)",
+    ".qzeros": "int4 pack (GPTQ/AWQ)",
+    ".weight.absmax": "bitsandbytes 4-bit",
+    ".weight.quant_state.bitsandbytes__nf4": "bitsandbytes 4-bit",
+    ".weight.quant_state.bitsandbytes__fp4": "bitsandbytes 4-bit",
+    ".SCB": "bitsandbytes 8-bit",
+}
+
+
+class _Row(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    role: str
+    hidden_axis: int
+    post_norm: str | None = None
+
+
+class Family(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    family: str
+    doc: str = ""
+    model_types: list[str]
+    prefixes: list[str]
+    layer: str
+    required: list[list[str]]
+    tensors: list[_Row]
+    globals: list[_Row] = []
+    num_experts: list[str] = []
+    norm_offset: float = 0.0
+
+
+@cache
+def families() -> dict[str, Family]:
+    """Every family file shipped in the package, validated once."""
+    out: dict[str, Family] = {}
+    for entry in sorted(resources.files("ablation").joinpath("architectures").iterdir()):
+        if not entry.name.endswith(".json"):
+            continue
+        try:
+            fam = Family.model_validate(json.loads(entry.read_text()))
+        except (ValidationError, json.JSONDecodeError) as exc:
+            raise RuntimeError(f"architecture file {entry.name} is invalid: {exc}") from exc
+        for row in [*fam.tensors, *fam.globals]:
+            if row.role not in ROLES:
+                raise RuntimeError(f"{entry.name}: unknown role {row.role!r}")
+        out[fam.family] = fam
+    return out
+
+
+@dataclass(frozen=True)
+class Target:
+    """One tensor the orders may edit: what it is, where its hidden axis is, where it lives."""
+
+    name: str
+    role: str
+    layer: int | None  # None for embeddings
+    hidden_axis: int
+    info: TensorInfo
+    expert: int | None = None
+    post_norm: str | None = None  # full name of the norm applied to this writer's output
+
+    @property
+    def component(self) -> str:
+        return ROLES[self.role][0]
+
+    @property
+    def is_bias(self) -> bool:
+        return ROLES[self.role][1]
+
+
+@dataclass
+class Architecture:
+    """A family's table bound to one checkpoint: its prefix, sizes and tensor index."""
+
+    family: Family
+    model_type: str
+    prefix: str
+    num_layers: int
+    hidden_size: int
+    num_experts: int | None
+    tie_embeddings: bool
+    index: ShardIndex
+
+    def layer_prefix(self, layer: int) -> str:
+        return self.prefix + Template(self.family.layer).substitute(layer=layer)
+
+    def layer_tensors(self, layer: int) -> list[str]:
+        lp = self.layer_prefix(layer)
+        return sorted(n for n in self.index.tensors if n.startswith(lp))
+
+    def targets(self, layer: int) -> list[Target]:
+        """Every known writer/reader of one decoder layer; errors if a required part is missing."""
+        lp = self.layer_prefix(layer)
+        held = self.layer_tensors(layer)
+        found: list[Target] = []
+        for row in self.family.tensors:
+            found.extend(self._match(row, lp, held, layer))
+        roles = {t.role for t in found}
+        for group in self.family.required:
+            if not roles & set(group):
+                raise AblationError(
+                    f"layer {layer}: no {' or '.join(group)} tensor found with the "
+                    f"{self.family.family} table; the layer holds: {_listing(held)}"
+                )
+        self._check_experts(layer, found, held)
+        return found
+
+    def global_targets(self) -> list[Target]:
+        out: list[Target] = []
+        for row in self.family.globals:
+            out.extend(self._match(row, self.prefix, list(self.index.tensors), None))
+        return out
+
+    def _match(self, row: _Row, base: str, held: list[str], layer: int | None) -> list[Target]:
+        post_norm = base + row.post_norm if row.post_norm else None
+        if "${expert}" in row.name:
+            pattern = re.compile(
+                re.escape(base)
+                + re.escape(row.name).replace(re.escape("${expert}"), r"(\d+)")
+                + "$"
+            )
+            hits = [(n, int(m.group(1))) for n in held if (m := pattern.match(n))]
+        else:
+            full = base + row.name
+            hits = [(full, None)] if full in self.index.tensors else []
+        for name, _ in hits:
+            self._check_plain(name)
+        if not hits:
+            stem = base + row.name.replace(".${expert}", ".0")
+            self._check_plain(stem)
+            return []
+        return [self._target(n, row, layer, e, post_norm) for n, e in hits]
+
+    def _check_plain(self, name: str) -> None:
+        """A weight stored quantized is never edited as bytes."""
+        stem = name.removesuffix(".weight")
+        for suffix, what in QUANT_MARKERS.items():
+            for candidate in (stem + suffix, name + suffix):
+                if candidate in self.index.tensors:
+                    raise AblationError(
+                        f"tensor {name!r} is stored quantized ({what}: {candidate!r}); "
+                        "dequantize the checkpoint first: quantized bytes are never edited"
+                    )
+
+    def _target(
+        self, name: str, row: _Row, layer: int | None, expert: int | None, post_norm: str | None
+    ) -> Target:
+        info = self.index.tensors[name]
+        if not info.is_float:
+            raise AblationError(
+                f"tensor {name!r} is {info.dtype}, not a float weight (quantized or packed); "
+                "dequantize the checkpoint first: quantized bytes are never edited"
+            )
+        axis = row.hidden_axis
+        if axis >= len(info.shape) or info.shape[axis] != self.hidden_size:
+            raise AblationError(
+                f"tensor {name!r} has shape {list(info.shape)}, but the {self.family.family} "
+                f"table puts the hidden size {self.hidden_size} on axis {axis}"
+            )
+        if post_norm is not None and post_norm not in self.index.tensors:
+            raise AblationError(f"tensor {name!r}: its post-norm {post_norm!r} is missing")
+        return Target(name, row.role, layer, axis, info, expert, post_norm)
+
+    def _check_experts(self, layer: int, found: list[Target], held: list[str]) -> None:
+        experts = [t for t in found if t.role == "expert_out"]
+        if not experts:
+            return
+        if self.num_experts is None:
+            raise AblationError(
+                f"layer {layer} holds experts, but config.json has none of "
+                f"{self.family.num_experts} to say how many"
+            )
+        per_expert = sorted(t.expert for t in experts if t.expert is not None)
+        fused = [t for t in experts if t.expert is None]
+        if per_expert and per_expert != list(range(self.num_experts)):
+            missing = sorted(set(range(self.num_experts)) - set(per_expert))
+            raise AblationError(
+                f"layer {layer}: {len(per_expert)} of {self.num_experts} experts found "
+                f"(missing {missing[:8]}); the layer holds: {_listing(held)}"
+            )
+        for t in fused:
+            if t.info.shape[0] != self.num_experts:
+                raise AblationError(
+                    f"tensor {t.name!r} has {t.info.shape[0]} experts on axis 0, config says "
+                    f"{self.num_experts}"
+                )
+        if not any(t.role == "router" for t in found):
+            raise AblationError(
+                f"layer {layer} holds experts but no router; the layer holds: {_listing(held)}"
+            )
+
+
+def _listing(names: list[str], most: int = 12) -> str:
+    if not names:
+        return "nothing"
+    more = f" ... (+{len(names) - most} more)" if len(names) > most else ""
+    return ", ".join(names[:most]) + more
+
+
+def _text_config(config: dict) -> dict:
+    return config.get("text_config") or config
+
+
+def _first(config: dict, keys: list[str]) -> int | None:
+    for cfg in (_text_config(config), config):
+        for key in keys:
+            if isinstance(cfg.get(key), int):
+                return cfg[key]
+    return None
+
+
+def resolve(config: dict, index: ShardIndex) -> Architecture:
+    """Bind the family table to a checkpoint, from config.json and the tensor names."""
+    model_type = config.get("model_type", "")
+    text_type = _text_config(config).get("model_type", "")
+    fams = families()
+    family = next((f for f in fams.values() if model_type in f.model_types), None) or next(
+        (f for f in fams.values() if text_type and text_type in f.model_types), None
+    )
+    if family is None:
+        family = fams["generic"]
+        LOG.warning("unknown model_type %r: using the generic tensor names", model_type)
+    hidden = _first(config, ["hidden_size", "n_embd", "d_model"])
+    layers = _first(config, ["num_hidden_layers", "n_layer", "num_layers"])
+    if hidden is None or layers is None:
+        raise AblationError("config.json lacks hidden_size or num_hidden_layers")
+    prefix = next(
+        (
+            p
+            for p in family.prefixes
+            if any(
+                n.startswith(p + Template(family.layer).substitute(layer=0)) for n in index.tensors
+            )
+        ),
+        None,
+    )
+    if prefix is None:
+        raise AblationError(
+            f"no tensor of the {family.family} table's layer 0 found under prefixes "
+            f"{family.prefixes}; the checkpoint holds: {_listing(sorted(index.tensors))}"
+        )
+    tie = config.get("tie_word_embeddings", _text_config(config).get("tie_word_embeddings", True))
+    return Architecture(
+        family=family,
+        model_type=model_type,
+        prefix=prefix,
+        num_layers=layers,
+        hidden_size=hidden,
+        num_experts=_first(config, family.num_experts) if family.num_experts else None,
+        tie_embeddings=bool(tie),
+        index=index,
+    )

@@ -1,0 +1,192 @@
+"""The `ablation` command: parsing and calling only."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import sys
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import click
+import torch
+
+from ablation import __version__, orders, rewrite, verify
+from ablation.errors import AblationError
+from ablation.hub import resolve_model
+
+LOG = logging.getLogger("ablation")
+
+
+class _Group(click.Group):
+    """User errors become one line on stderr and exit code 2, never a traceback."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except AblationError as exc:
+            click.echo(f"error: {exc}", err=True)
+            ctx.exit(2)
+
+
+def _verbosity(fn: Callable) -> Callable:
+    @click.option("-v", "--verbose", count=True, help="More log output (-vv for debug).")
+    @click.option("-q", "--quiet", count=True, help="Less log output.")
+    @functools.wraps(fn)
+    def wrapper(*args: Any, verbose: int, quiet: int, **kwargs: Any) -> Any:
+        level = logging.INFO - 10 * verbose + 10 * quiet
+        logging.basicConfig(
+            level=max(level, logging.DEBUG),
+            format="%(levelname)s %(message)s",
+            stream=sys.stderr,
+            force=True,
+        )
+        return fn(*args, **kwargs)
+
+    return wrapper
+
+
+@click.group(cls=_Group)
+@click.version_option(__version__)
+def main() -> None:
+    """Remove the refusal direction from open-weight language models."""
+
+
+def _orders_options(fn: Callable) -> Callable:
+    for opt in reversed(
+        [
+            click.argument("orders_file", type=click.Path(path_type=Path)),
+            click.option("--model", help="Override the orders' model (local dir or Hub id)."),
+            click.option(
+                "--measurements",
+                type=click.Path(path_type=Path),
+                help="Override the orders' .refuse file.",
+            ),
+            click.option(
+                "--normpreserve",
+                is_flag=True,
+                help="Norm-preserving edit (the default; kept for older command lines).",
+            ),
+            click.option(
+                "--projected",
+                is_flag=True,
+                help="Biprojected direction (the default; kept for older command lines).",
+            ),
+            click.option(
+                "--invert", is_flag=True, help="Add the direction instead of removing it."
+            ),
+        ]
+    ):
+        fn = opt(fn)
+    return fn
+
+
+def _load_plan(
+    orders_file: Path,
+    model: str | None,
+    measurements: Path | None,
+    normpreserve: bool,
+    projected: bool,
+    invert: bool,
+    output: Path | None = None,
+) -> rewrite.Plan:
+    overrides = {
+        "model": model,
+        "measurements": str(measurements) if measurements else None,
+        "output": str(output) if output else None,
+        "method": "norm-preserving" if normpreserve else None,
+        "projected": True if projected else None,
+    }
+    o = orders.load(orders_file, overrides)
+    if invert:
+        o.scale = -o.scale
+        o.layers = [
+            orders.LayerOrder(x.layer, x.measurement, -x.scale, x.sparsity, x.line)
+            for x in o.layers
+        ]
+    return rewrite.build_plan(o, resolve_model(o.model), o.measurements)
+
+
+@main.command()
+@_orders_options
+@click.option(
+    "-o", "--output", type=click.Path(path_type=Path), help="Override the orders' output directory."
+)
+@click.option("--dry-run", is_flag=True, help="Print the plan; write nothing.")
+@click.option("--device", help="cuda, cuda:1, mps or cpu (default: the best available).")
+@click.option("--float64", "float64", is_flag=True, help="Compute edits in float64.")
+@click.option("--link", is_flag=True, help="Hard-link shards that need no edit.")
+@click.option("--overwrite", is_flag=True, help="Write into a non-empty output directory.")
+@click.option("--resume", is_flag=True, help="Finish an interrupted run into the same output.")
+@_verbosity
+def ablate(
+    orders_file: Path,
+    model: str | None,
+    measurements: Path | None,
+    normpreserve: bool,
+    projected: bool,
+    invert: bool,
+    output: Path | None,
+    dry_run: bool,
+    device: str | None,
+    float64: bool,
+    link: bool,
+    overwrite: bool,
+    resume: bool,
+) -> None:
+    """Stream a checkpoint through the edits that ORDERS_FILE (YAML) asks for."""
+    plan = _load_plan(orders_file, model, measurements, normpreserve, projected, invert, output)
+    for line in plan.describe():
+        click.echo(line)
+    for w in plan.warnings:
+        LOG.warning(w)
+    if dry_run:
+        click.echo("dry run: nothing written")
+        return
+    opts = rewrite.Options(
+        device=rewrite.pick_device(device),
+        compute_dtype=torch.float64 if float64 else torch.float32,
+        link=link,
+        overwrite=overwrite,
+        resume=resume,
+    )
+    LOG.info("device %s", opts.device)
+    summary = rewrite.execute(plan, plan.orders.output, opts)
+    for line in summary.lines():
+        click.echo(line)
+    click.echo(f"output     {plan.orders.output}")
+
+
+@main.command(name="verify")
+@click.argument("output_dir", type=click.Path(path_type=Path))
+@click.option(
+    "--orders",
+    "orders_file",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="The orders the output was written with.",
+)
+@click.option("--model", help="Override the orders' model (local dir or Hub id).")
+@click.option(
+    "--measurements", type=click.Path(path_type=Path), help="Override the orders' .refuse file."
+)
+@click.option("--invert", is_flag=True, help="The output was written with --invert.")
+@_verbosity
+def verify_cmd(
+    output_dir: Path, orders_file: Path, model: str | None, measurements: Path | None, invert: bool
+) -> None:
+    """Check OUTPUT_DIR against its input: edits took, norms kept, everything else identical."""
+    plan = _load_plan(orders_file, model, measurements, False, False, invert)
+    report = verify.verify(plan, output_dir)
+    click.echo(
+        f"edited     {report.edited} tensors checked; worst |v.r|/|v| "
+        f"{report.worst_residue:.2e}, worst norm change {report.worst_norm_change:.2e}"
+    )
+    click.echo(f"unchanged  {report.identical} tensors byte-identical to the input")
+    for f in report.failures[:20]:
+        click.echo(f"FAIL       {f}", err=True)
+    if not report.ok:
+        click.echo(f"verify failed: {len(report.failures)} problems", err=True)
+        sys.exit(1)
+    click.echo("verify     ok")

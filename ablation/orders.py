@@ -1,0 +1,209 @@
+"""YAML marching orders: schema, strict validation with line numbers, layer-range expansion.
+
+Older files (model / measurements / output / ablate entries with layer, measurement, scale,
+sparsity) are a subset of this schema and load as they are.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from ablation.architecture import COMPONENTS, DEFAULT_COMPONENTS
+from ablation.errors import AblationError
+
+LOG = logging.getLogger(__name__)
+
+Component = Literal["attn_out", "mlp_out", "experts", "shared_experts", "router", "embed", "biases"]
+assert set(Component.__args__) == set(COMPONENTS)  # one list of components, checked at import
+
+
+class _Entry(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    layer: int | None = None
+    layers: int | str | list[int | str] | None = None
+    measurement: int | None = None
+    scale: float = 1.0
+    sparsity: float = Field(default=0.0, ge=0.0, lt=1.0)
+
+    @model_validator(mode="after")
+    def _one_of(self) -> _Entry:
+        if (self.layer is None) == (self.layers is None):
+            raise ValueError("give exactly one of 'layer' or 'layers'")
+        return self
+
+
+class _File(BaseModel):
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    model: str
+    measurements: str
+    output: str
+    method: Literal["norm-preserving", "standard"] = "norm-preserving"
+    projected: bool = True
+    scale: float = 1.0
+    components: list[Component] = Field(default_factory=lambda: list(DEFAULT_COMPONENTS))
+    ablate: list[_Entry] = Field(min_length=1)
+
+
+@dataclass(frozen=True)
+class LayerOrder:
+    layer: int
+    measurement: int
+    scale: float  # entry scale times the global scale
+    sparsity: float
+    line: int
+
+
+@dataclass
+class Orders:
+    model: str
+    measurements: Path
+    output: Path
+    method: str
+    projected: bool
+    scale: float
+    components: tuple[str, ...]
+    layers: list[LayerOrder]
+    source: Path | None = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def norm_preserving(self) -> bool:
+        return self.method == "norm-preserving"
+
+    def as_dict(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["measurements"] = str(self.measurements)
+        out["output"] = str(self.output)
+        out["source"] = str(self.source) if self.source else None
+        out["layers"] = [{k: v for k, v in asdict(o).items() if k != "line"} for o in self.layers]
+        return out
+
+    def where(self, order: LayerOrder) -> str:
+        return f"{self.source or 'orders'}:{order.line}"
+
+
+def parse_layers(spec: int | str | list[int | str]) -> list[int]:
+    """'10-30', '3,5,7-9', 12, or a YAML list of those -> sorted-as-given layer numbers."""
+    items = spec if isinstance(spec, list) else [spec]
+    out: list[int] = []
+    for item in items:
+        if isinstance(item, int):
+            out.append(item)
+            continue
+        for part in str(item).split(","):
+            part = part.strip()
+            lo, sep, hi = part.partition("-")
+            try:
+                if sep:
+                    a, b = int(lo), int(hi)
+                    if b < a:
+                        raise ValueError
+                    out.extend(range(a, b + 1))
+                else:
+                    out.append(int(part))
+            except ValueError:
+                raise ValueError(f"bad layer range {part!r} (want N, N-M or a list)") from None
+    return out
+
+
+def _line_map(node: yaml.Node, path: tuple = (), out: dict | None = None) -> dict[tuple, int]:
+    """YAML path -> 1-based line, for naming where a bad key or value stands."""
+    out = {} if out is None else out
+    out.setdefault(path, node.start_mark.line + 1)
+    if isinstance(node, yaml.MappingNode):
+        for k, v in node.value:
+            key = (*path, k.value)
+            out[key] = k.start_mark.line + 1
+            _line_map(v, key, out)
+    elif isinstance(node, yaml.SequenceNode):
+        for i, v in enumerate(node.value):
+            _line_map(v, (*path, i), out)
+    return out
+
+
+def _line_of(lines: dict[tuple, int], loc: tuple) -> int:
+    for cut in range(len(loc), -1, -1):
+        key = tuple(str(p) if not isinstance(p, int) else p for p in loc[:cut])
+        if key in lines:
+            return lines[key]
+    return 1
+
+
+def load(path: Path, overrides: dict[str, Any] | None = None) -> Orders:
+    """Read, validate and expand an orders file; CLI overrides replace file values."""
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise AblationError(f"{path}: cannot read orders ({exc.strerror})") from exc
+    try:
+        node = yaml.compose(text)
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f":{mark.line + 1}" if mark else ""
+        raise AblationError(
+            f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})"
+        ) from exc
+    if not isinstance(data, dict):
+        raise AblationError(f"{path}: orders must be a YAML mapping")
+    lines = _line_map(node) if node is not None else {}
+    data.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    try:
+        parsed = _File.model_validate(data)
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        loc = tuple(err["loc"])
+        key = ".".join(str(p) for p in loc) or "(top)"
+        msg = err["msg"].removeprefix("Value error, ")
+        if err["type"] == "extra_forbidden":
+            msg = "unknown key"
+        raise AblationError(f"{path}:{_line_of(lines, loc)}: {key}: {msg}") from None
+    return _expand(path, parsed, lines)
+
+
+def _expand(path: Path, parsed: _File, lines: dict[tuple, int]) -> Orders:
+    if not math.isfinite(parsed.scale) or parsed.scale == 0:
+        raise AblationError(f"{path}:{lines.get(('scale',), 1)}: scale must be finite, non-zero")
+    seen: dict[int, int] = {}
+    layers: list[LayerOrder] = []
+    for i, entry in enumerate(parsed.ablate):
+        line = lines.get(("ablate", i), 1)
+        try:
+            numbers = parse_layers(entry.layers) if entry.layers is not None else [entry.layer]
+        except ValueError as exc:
+            raise AblationError(f"{path}:{line}: ablate.{i}.layers: {exc}") from None
+        for n in numbers:
+            if n in seen:
+                raise AblationError(
+                    f"{path}:{line}: layer {n} is ordered twice (also at line {seen[n]})"
+                )
+            if n < 0:
+                raise AblationError(f"{path}:{line}: layer {n} is negative")
+            seen[n] = line
+            layers.append(
+                LayerOrder(
+                    layer=n,
+                    measurement=entry.measurement if entry.measurement is not None else n,
+                    scale=entry.scale * parsed.scale,
+                    sparsity=entry.sparsity,
+                    line=line,
+                )
+            )
+    return Orders(
+        model=parsed.model,
+        measurements=Path(parsed.measurements),
+        output=Path(parsed.output),
+        method=parsed.method,
+        projected=parsed.projected,
+        scale=parsed.scale,
+        components=tuple(dict.fromkeys(parsed.components)),
+        layers=sorted(layers, key=lambda o: o.layer),
+        source=path,
+    )

@@ -1,0 +1,503 @@
+"""Plan (which tensor of which shard gets which edit) and the streaming executor.
+
+Execution copies each shard with a kernel copy, then overwrites only the byte ranges of the
+edited tensors, one tensor at a time: memory is bounded by the largest edited tensor plus one
+compute chunk, whatever the shard or model size. Shards are written as NAME.partial, fsynced and
+renamed; a progress manifest lets --resume skip shards already complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import resource
+import shutil
+import time
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import psutil
+import torch
+from tqdm import tqdm
+
+from ablation import __version__, directions, edits, refuse
+from ablation.architecture import Architecture, Target, resolve
+from ablation.checkpoint import ShardIndex, copy_file, open_index, read_tensor, write_tensor
+from ablation.errors import AblationError
+from ablation.hub import model_card
+from ablation.orders import LayerOrder, Orders
+
+LOG = logging.getLogger(__name__)
+
+MANIFEST = ".ablation-progress.json"
+RECORD = "ablation.json"
+PARTIAL = ".partial"
+SKIP_DIRS = {".git", ".cache", ".huggingface"}
+
+
+@dataclass(frozen=True)
+class Edit:
+    target: Target
+    direction: str  # key into Plan.directions
+    measurement: int
+    scale: float
+    norm_preserving: bool
+
+
+@dataclass
+class Plan:
+    model_dir: Path
+    arch: Architecture
+    orders: Orders
+    measurements: refuse.Measurements
+    refuse_sha256: str
+    directions: dict[str, torch.Tensor]
+    shards: dict[str, list[Edit]]  # shard -> edits in byte order; every shard is a key
+    warnings: list[str] = field(default_factory=list)
+
+    @property
+    def index(self) -> ShardIndex:
+        return self.arch.index
+
+    @property
+    def edits(self) -> list[Edit]:
+        return [e for es in self.shards.values() for e in es]
+
+    def counts_by_role(self) -> dict[str, int]:
+        return dict(Counter(e.target.role for e in self.edits))
+
+    def counts_by_layer(self) -> dict[str, dict[str, int]]:
+        out: dict[str, Counter] = {}
+        for e in self.edits:
+            key = "embed" if e.target.layer is None else str(e.target.layer)
+            out.setdefault(key, Counter())[e.target.role] += 1
+        return {k: dict(v) for k, v in out.items()}
+
+    def fingerprint(self) -> str:
+        """Changes whenever the bytes the plan would write could change."""
+        orders = self.orders.as_dict()
+        orders.pop("output")
+        orders.pop("source")
+        payload = json.dumps(
+            {
+                "orders": orders,
+                "refuse": self.refuse_sha256,
+                "version": __version__,
+                "tensors": sorted((e.target.name, e.target.info.start) for e in self.edits),
+                "shards": {n: h.size for n, h in self.index.shards.items()},
+            },
+            sort_keys=True,
+        )
+        return hashlib.sha256(payload.encode()).hexdigest()
+
+    def describe(self) -> list[str]:
+        a = self.arch
+        lines = [
+            f"model      {self.model_dir} ({a.family.family} table, model_type {a.model_type!r}, "
+            f"{a.num_layers} layers, hidden {a.hidden_size}"
+            + (f", {a.num_experts} experts" if a.num_experts else "")
+            + ")",
+            f"method     {self.orders.method}, projected={self.orders.projected}, "
+            f"components={','.join(self.orders.components)}",
+            f"shards     {sum(1 for es in self.shards.values() if es)} of {len(self.shards)} "
+            f"edited, {self.index.total_bytes / 1e9:.2f} GB in all",
+        ]
+        for layer, roles in self.counts_by_layer().items():
+            order = next((o for o in self.orders.layers if str(o.layer) == layer), None)
+            src = f" from measurement {order.measurement}, scale {order.scale:g}" if order else ""
+            lines.append(f"layer {layer:>4} {_roles(roles)}{src}")
+        lines.append(f"total      {len(self.edits)} tensors: {_roles(self.counts_by_role())}")
+        return lines
+
+
+def _roles(counts: dict[str, int]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in sorted(counts.items()))
+
+
+def read_config(model_dir: Path) -> dict:
+    path = model_dir / "config.json"
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise AblationError(
+            f"{model_dir}: no config.json (not a Hugging Face checkpoint)"
+        ) from None
+    except json.JSONDecodeError as exc:
+        raise AblationError(f"{path}: not valid JSON ({exc})") from exc
+
+
+def build_plan(orders: Orders, model_dir: Path, measurements_path: Path) -> Plan:
+    """Everything is validated here, before a byte is written."""
+    meas = refuse.load(measurements_path)
+    index = open_index(model_dir)
+    arch = resolve(read_config(model_dir), index)
+    if meas.hidden_size != arch.hidden_size:
+        raise AblationError(
+            f"{measurements_path}: hidden size {meas.hidden_size} does not match the model's "
+            f"{arch.hidden_size} ({model_dir})"
+        )
+    plan = Plan(
+        model_dir,
+        arch,
+        orders,
+        meas,
+        refuse.sha256_of(measurements_path),
+        {},
+        {name: [] for name in index.shards},
+    )
+    fd_cache: dict[str, int] = {}
+    try:
+        for order in orders.layers:
+            _plan_layer(plan, order, fd_cache)
+        if "embed" in orders.components:
+            _plan_embed(plan, fd_cache)
+    finally:
+        for fd in fd_cache.values():
+            os.close(fd)
+    for edits_ in plan.shards.values():
+        edits_.sort(key=lambda e: e.target.info.start)
+    if not plan.edits:
+        raise AblationError(
+            f"{orders.source}: the orders select no tensor to edit "
+            f"(components: {', '.join(orders.components)})"
+        )
+    return plan
+
+
+def _direction(plan: Plan, order: LayerOrder, target_layer: int, what: str) -> torch.Tensor:
+    meas, orders = plan.measurements, plan.orders
+    where = orders.where(order)
+    if order.measurement not in meas.layers:
+        raise AblationError(
+            f"{where}: measurement {order.measurement} is not in the .refuse file "
+            f"(it has {min(meas.layers)}-{max(meas.layers)})"
+        )
+    harmless = None
+    if orders.projected:
+        if target_layer not in meas.layers:
+            raise AblationError(
+                f"{where}: projected orders need the harmless mean of layer {target_layer}, "
+                "which the .refuse file lacks (or set projected: false)"
+            )
+        harmless = meas.layers[target_layer].harmless
+    return directions.target_direction(
+        meas.layers[order.measurement].refusenorm,
+        harmless,
+        order.sparsity,
+        f"{where}: {what}",
+    )
+
+
+def _plan_layer(plan: Plan, order: LayerOrder, fd_cache: dict[str, int]) -> None:
+    arch, orders = plan.arch, plan.orders
+    if order.layer >= arch.num_layers:
+        raise AblationError(
+            f"{orders.where(order)}: layer {order.layer} is out of range "
+            f"(the model has layers 0-{arch.num_layers - 1})"
+        )
+    r = _direction(plan, order, order.layer, f"direction for layer {order.layer}")
+    key = f"layer{order.layer}"
+    plan.directions[key] = r
+    try:
+        targets = arch.targets(order.layer)
+    except AblationError as exc:
+        raise AblationError(f"{orders.where(order)}: {exc}") from None
+    for t in targets:
+        if _selected(t, orders):
+            _add(plan, t, key, r, order, fd_cache)
+
+
+def _plan_embed(plan: Plan, fd_cache: dict[str, int]) -> None:
+    """Embeddings write the residual stream entering layer 0; they take the settings of the
+    lowest ordered layer, projected against the harmless mean at index 0."""
+    first = plan.orders.layers[0]
+    r = _direction(plan, first, 0, "direction for embeddings")
+    plan.directions["embed"] = r
+    targets = plan.arch.global_targets()
+    if not targets:
+        raise AblationError("components include embed, but no embedding tensor was found")
+    if plan.arch.tie_embeddings:
+        plan.warnings.append("embeddings are tied to lm_head: the output head changes too")
+    for t in targets:
+        _add(plan, t, "embed", r, first, fd_cache)
+
+
+def _selected(t: Target, orders: Orders) -> bool:
+    return t.component in orders.components and (not t.is_bias or "biases" in orders.components)
+
+
+def _add(
+    plan: Plan, t: Target, key: str, r: torch.Tensor, order: LayerOrder, fd_cache: dict[str, int]
+) -> None:
+    if t.post_norm is not None:
+        info = plan.index.tensors[t.post_norm]
+        if info.shard not in fd_cache:
+            fd_cache[info.shard] = os.open(plan.model_dir / info.shard, os.O_RDONLY)
+        gamma = read_tensor(fd_cache[info.shard], info)
+        key = f"{key}:{t.post_norm}"
+        plan.directions[key] = directions.post_norm_direction(
+            r, gamma, plan.arch.family.norm_offset
+        )
+    plan.shards[t.info.shard].append(
+        Edit(t, key, order.measurement, order.scale, plan.orders.norm_preserving and not t.is_bias)
+    )
+
+
+def pick_device(requested: str | None) -> torch.device:
+    if requested:
+        try:
+            dev = torch.device(requested)
+        except RuntimeError as exc:
+            raise AblationError(f"--device {requested!r}: {exc}") from None
+        if dev.type == "cuda" and not torch.cuda.is_available():
+            raise AblationError("--device cuda, but torch sees no CUDA device")
+        return dev
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+@dataclass
+class Options:
+    device: torch.device
+    compute_dtype: torch.dtype = torch.float32
+    link: bool = False
+    overwrite: bool = False
+    resume: bool = False
+
+
+@dataclass
+class Summary:
+    bytes_written: int
+    seconds: float
+    peak_rss: int
+    edited: dict[str, int]
+    shards_skipped: int
+
+    def lines(self) -> list[str]:
+        gbps = self.bytes_written / 1e9 / max(self.seconds, 1e-9)
+        return [
+            f"wrote      {self.bytes_written / 1e9:.3f} GB in {self.seconds:.1f} s "
+            f"({gbps:.2f} GB/s); peak RSS {self.peak_rss / 2**20:.0f} MiB",
+            f"edited     {_roles(self.edited)}"
+            + (
+                f"; {self.shards_skipped} shards already complete (resumed)"
+                if self.shards_skipped
+                else ""
+            ),
+        ]
+
+
+def _is_within(child: Path, parent: Path) -> bool:
+    try:
+        child.resolve().relative_to(parent.resolve())
+        return True
+    except ValueError:
+        return False
+
+
+def _prepare_output(plan: Plan, out: Path, opts: Options) -> dict:
+    """Check the output directory; return the resume manifest (empty when starting fresh)."""
+    if _is_within(out, plan.model_dir) or _is_within(plan.model_dir, out):
+        raise AblationError(
+            f"output {out} overlaps the input {plan.model_dir}; choose a separate directory"
+        )
+    fresh = {"fingerprint": plan.fingerprint(), "complete": {}}
+    if out.exists() and not out.is_dir():
+        raise AblationError(f"output {out} exists and is not a directory")
+    if out.is_dir() and any(out.iterdir()):
+        manifest_path = out / MANIFEST
+        if opts.resume:
+            if not manifest_path.is_file():
+                raise AblationError(f"--resume: {out} has no {MANIFEST} (not a run of this tool)")
+            manifest = json.loads(manifest_path.read_text())
+            if manifest.get("fingerprint") != fresh["fingerprint"]:
+                raise AblationError(
+                    f"--resume: {out} was written with other orders, "
+                    "measurements or model; use --overwrite"
+                )
+            return manifest
+        if not opts.overwrite:
+            raise AblationError(
+                f"output {out} is not empty (use --overwrite, or --resume to "
+                "finish an interrupted run)"
+            )
+        for p in out.iterdir():
+            if p.is_file() and (p.suffix in {".safetensors", PARTIAL} or p.name == MANIFEST):
+                p.unlink()
+    return fresh
+
+
+def _aux_files(model_dir: Path, index: ShardIndex) -> list[Path]:
+    out = []
+    for root, dirs, files in os.walk(model_dir):
+        dirs[:] = sorted(d for d in dirs if d not in SKIP_DIRS)
+        for f in sorted(files):
+            p = Path(root) / f
+            rel = p.relative_to(model_dir)
+            if str(rel) in index.shards or f.endswith(PARTIAL) or f == MANIFEST:
+                continue
+            out.append(p)
+    return out
+
+
+def _check_space(out: Path, need: int) -> None:
+    probe = out if out.exists() else out.parent
+    free = shutil.disk_usage(probe).free
+    if need > free:
+        raise AblationError(
+            f"output {out}: needs {need / 1e9:.2f} GB, only {free / 1e9:.2f} GB free"
+        )
+
+
+def _write_json(path: Path, data: dict) -> None:
+    tmp = path.with_name(path.name + PARTIAL)
+    tmp.write_text(json.dumps(data, indent=2))
+    os.replace(tmp, path)
+
+
+def execute(plan: Plan, out: Path, opts: Options) -> Summary:
+    manifest = _prepare_output(plan, out, opts)
+    done: dict = manifest["complete"]
+    todo = [s for s in plan.shards if s not in done]
+    aux = _aux_files(plan.model_dir, plan.index)
+    for name in plan.index.unindexed:
+        LOG.warning("%s is not in the index: copied unchanged (not ablated)", name)
+    shard_bytes = {s: plan.index.shards[s].size for s in todo}
+    need = sum(b for s, b in shard_bytes.items() if plan.shards[s] or not opts.link)
+    _check_space(out, need + sum(p.stat().st_size for p in aux))
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(out / MANIFEST, manifest)
+
+    proc = psutil.Process()
+    peak = proc.memory_info().rss
+    records: list[dict] = manifest.setdefault("records", [])
+    start = time.perf_counter()
+    written = 0
+    with tqdm(
+        total=sum(shard_bytes.values()),
+        unit="B",
+        unit_scale=True,
+        unit_divisor=1024,
+        desc="rewrite",
+        disable=None,
+    ) as bar:
+        for shard in todo:
+            src, final = plan.model_dir / shard, out / shard
+            partial = final.with_name(final.name + PARTIAL)
+            edits_ = plan.shards[shard]
+            if not edits_ and opts.link and _try_link(src, final):
+                bar.update(shard_bytes[shard])
+            else:
+                copy_file(src, partial, bar.update)
+                if edits_:
+                    bar.set_postfix_str(shard, refresh=False)
+                    records += _patch(plan, src, partial, edits_, opts)
+                    peak = max(peak, proc.memory_info().rss)
+                with open(partial, "rb+") as f:
+                    os.fsync(f.fileno())
+                os.replace(partial, final)
+                written += shard_bytes[shard]
+            done[shard] = shard_bytes[shard]
+            _write_json(out / MANIFEST, manifest)
+    for p in aux:
+        dst = out / p.relative_to(plan.model_dir)
+        if p.name == "README.md" and p.parent == plan.model_dir:
+            dst = out / "README.base.md"  # the card below takes README.md; nothing is lost
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(p, dst)
+        written += p.stat().st_size
+    _finish(plan, out, opts, records)
+    peak = max(peak, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    return Summary(
+        written,
+        time.perf_counter() - start,
+        peak,
+        Counter(r["role"] for r in records),
+        len(plan.shards) - len(todo),
+    )
+
+
+def _try_link(src: Path, dst: Path) -> bool:
+    try:
+        if dst.exists():
+            dst.unlink()
+        os.link(src, dst)
+        return True
+    except OSError as exc:
+        LOG.warning("cannot hard-link %s (%s): copying instead", src.name, exc.strerror)
+        return False
+
+
+def _patch(plan: Plan, src: Path, partial: Path, edits_: list[Edit], opts: Options) -> list[dict]:
+    """Edit each planned tensor: read its range from the source, edit, write the same range."""
+    records = []
+    src_fd = os.open(src, os.O_RDONLY)
+    dst_fd = os.open(partial, os.O_RDWR)
+    try:
+        for e in edits_:
+            info = e.target.info
+            w = read_tensor(src_fd, info).to(opts.device)
+            d = plan.directions[e.direction]
+            spec = edits.EditSpec(e.scale, e.norm_preserving, opts.compute_dtype)
+            edits.project_out_(w, d, e.target.hidden_axis, spec)
+            residue_abs, residue_rel = edits.projection_residue(w, d, e.target.hidden_axis)
+            write_tensor(dst_fd, info, w)
+            del w
+            records.append(
+                {
+                    "tensor": info.name,
+                    "shard": info.shard,
+                    "role": e.target.role,
+                    "layer": e.target.layer,
+                    "expert": e.target.expert,
+                    "measurement": e.measurement,
+                    "scale": e.scale,
+                    "method": "norm-preserving" if e.norm_preserving else "standard",
+                    "direction": e.direction,
+                    "max_abs_projection": residue_abs,
+                    "max_rel_projection": residue_rel,
+                }
+            )
+    finally:
+        os.close(src_fd)
+        os.close(dst_fd)
+    return records
+
+
+def _finish(plan: Plan, out: Path, opts: Options, records: list[dict]) -> None:
+    meta = plan.measurements.metadata
+    _write_json(
+        out / RECORD,
+        {
+            "tool": "ablation",
+            "version": __version__,
+            "base_model": plan.orders.model,
+            "orders": plan.orders.as_dict(),
+            "refuse": {
+                "path": str(plan.orders.measurements),
+                "sha256": plan.refuse_sha256,
+                "metadata": meta,
+            },
+            "architecture": {
+                "family": plan.arch.family.family,
+                "model_type": plan.arch.model_type,
+                "num_layers": plan.arch.num_layers,
+                "hidden_size": plan.arch.hidden_size,
+                "num_experts": plan.arch.num_experts,
+            },
+            "device": str(opts.device),
+            "counts_by_role": plan.counts_by_role(),
+            "counts_by_layer": plan.counts_by_layer(),
+            "warnings": plan.warnings,
+            "edits": sorted(records, key=lambda r: r["tensor"]),
+        },
+    )
+    card = model_card(plan.orders.model, plan.orders.as_dict()["layers"], plan.counts_by_role())
+    card.save(out / "README.md")
+    (out / MANIFEST).unlink()

@@ -1,0 +1,125 @@
+"""Check an output against its input and orders, reading bytes from disk (never a loaded model):
+every edited tensor has (almost) no component left along its direction and kept its norms where
+promised; every other tensor, and every header, is byte-identical to the input."""
+
+from __future__ import annotations
+
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm import tqdm
+
+from ablation import edits
+from ablation.checkpoint import TensorInfo, open_index, read_tensor
+from ablation.errors import AblationError
+from ablation.rewrite import Edit, Plan
+
+LOG = logging.getLogger(__name__)
+COMPARE_CHUNK = 64 * 1024 * 1024
+
+
+@dataclass
+class Report:
+    edited: int = 0
+    identical: int = 0
+    worst_residue: float = 0.0
+    worst_norm_change: float = 0.0
+    failures: list[str] = field(default_factory=list)
+
+    @property
+    def ok(self) -> bool:
+        return not self.failures
+
+
+def tolerance(dtype: torch.dtype) -> float:
+    """One rounding of the stored dtype bounds the residue and the norm change."""
+    return max(2 * torch.finfo(dtype).eps, 1e-4)
+
+
+def verify(plan: Plan, out: Path) -> Report:
+    out_index = open_index(out)
+    report = Report()
+    if set(out_index.shards) != set(plan.index.shards):
+        raise AblationError(
+            f"{out}: shards differ from the input's "
+            f"({sorted(set(out_index.shards) ^ set(plan.index.shards))[:4]})"
+        )
+    total = sum(h.size for h in plan.index.shards.values())
+    with tqdm(total=total, unit="B", unit_scale=True, desc="verify", disable=None) as bar:
+        for shard, header in plan.index.shards.items():
+            out_header = out_index.shards[shard]
+            if out_header.tensors != header.tensors or out_header.size != header.size:
+                report.failures.append(f"{shard}: header or size differs from the input")
+                continue
+            planned = {e.target.name: e for e in plan.shards[shard]}
+            fd_in = os.open(header.path, os.O_RDONLY)
+            fd_out = os.open(out_header.path, os.O_RDONLY)
+            try:
+                if _read(fd_in, 0, _data_start(header)) != _read(fd_out, 0, _data_start(header)):
+                    report.failures.append(f"{shard}: header bytes differ")
+                for name, info in header.tensors.items():
+                    if name in planned:
+                        _check_edit(plan, planned[name], fd_in, fd_out, report)
+                    elif not _same_bytes(fd_in, fd_out, info):
+                        report.failures.append(f"{name}: not planned for editing, but changed")
+                    else:
+                        report.identical += 1
+                    bar.update(info.nbytes)
+            finally:
+                os.close(fd_in)
+                os.close(fd_out)
+    return report
+
+
+def _data_start(header) -> int:
+    return min((t.start for t in header.tensors.values()), default=header.size)
+
+
+def _read(fd: int, offset: int, n: int) -> bytes:
+    return os.pread(fd, n, offset)
+
+
+def _same_bytes(fd_a: int, fd_b: int, info: TensorInfo) -> bool:
+    pos = info.start
+    while pos < info.end:
+        n = min(COMPARE_CHUNK, info.end - pos)
+        if os.pread(fd_a, n, pos) != os.pread(fd_b, n, pos):
+            return False
+        pos += n
+    return True
+
+
+def _check_edit(plan: Plan, e: Edit, fd_in: int, fd_out: int, report: Report) -> None:
+    info = e.target.info
+    before = read_tensor(fd_in, info)
+    after = read_tensor(fd_out, info)
+    d = plan.directions[e.direction]
+    axis = e.target.hidden_axis
+    tol = tolerance(after.dtype)
+    report.edited += 1
+    if e.scale == 1.0:
+        _, rel = edits.projection_residue(after, d, axis)
+        report.worst_residue = max(report.worst_residue, rel)
+        if rel > tol:
+            report.failures.append(
+                f"{info.name}: |v.r|/|v| = {rel:.2e} after the edit (tolerance {tol:.1e})"
+            )
+    else:
+        spec = edits.EditSpec(e.scale, e.norm_preserving)
+        want = edits.project_out(before, d, axis, spec).double()
+        err = (after.double() - want).abs().max().item() if want.numel() else 0.0
+        bound = tol * max(before.double().abs().max().item() if before.numel() else 0.0, 1e-30)
+        if err > bound:
+            report.failures.append(
+                f"{info.name}: differs from the expected partial edit by {err:.2e}"
+            )
+    if e.norm_preserving:
+        change = edits.norm_change(before, after, axis)
+        report.worst_norm_change = max(report.worst_norm_change, change)
+        if change > tol:
+            report.failures.append(
+                f"{info.name}: vector norms changed by {change:.2e} (tolerance {tol:.1e})"
+            )
