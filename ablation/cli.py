@@ -151,7 +151,6 @@ def ablate(
         overwrite=overwrite,
         resume=resume,
     )
-    LOG.info("device %s", opts.device)
     summary = rewrite.execute(plan, plan.orders.output, opts)
     for line in summary.lines():
         click.echo(line)

@@ -62,11 +62,11 @@ def target_direction(
     r = normalize(refusenorm.double(), what)
     if harmless_target is not None:
         r = biproject(r, harmless_target, what)
-    return sparsify(r, sparsity).float()
+    return sparsify(r, sparsity)
 
 
 def post_norm_direction(r: torch.Tensor, gamma: torch.Tensor, offset: float) -> torch.Tensor:
     """Direction to remove from W's output when the residual gets (offset + gamma) * norm(W x):
     r . (g * y) = (g * r) . y, so y must be orthogonal to normalize(g * r)."""
     g = gamma.double() + offset  # [hidden]
-    return normalize(g * r.double(), "post-norm direction").float()
+    return normalize(g * r.double(), "post-norm direction")

@@ -61,9 +61,9 @@ def save(path: Path, meas: Measurements) -> None:
     tensors: dict[str, torch.Tensor] = {}
     for layer, m in sorted(meas.layers.items()):
         for kind in REQUIRED:
-            tensors[f"{kind}_{layer}"] = getattr(m, kind).float().contiguous()
+            tensors[f"{kind}_{layer}"] = getattr(m, kind).detach().to(torch.float32, copy=True)
         for kind, t in m.extra.items():
-            tensors[f"{kind}_{layer}"] = t.float().contiguous()
+            tensors[f"{kind}_{layer}"] = t.detach().to(torch.float32, copy=True)
     metadata = {k: str(v) for k, v in meas.metadata.items()}
     metadata.update(format=FORMAT, format_version=FORMAT_VERSION)
     try:

@@ -363,6 +363,7 @@ def _write_json(path: Path, data: dict) -> None:
 
 def execute(plan: Plan, out: Path, opts: Options) -> Summary:
     manifest = _prepare_output(plan, out, opts)
+    LOG.info("device %s, compute in %s", opts.device, opts.compute_dtype)
     done: dict = manifest["complete"]
     todo = [s for s in plan.shards if s not in done]
     aux = _aux_files(plan.model_dir, plan.index)
@@ -413,7 +414,7 @@ def execute(plan: Plan, out: Path, opts: Options) -> Summary:
         shutil.copyfile(p, dst)
         written += p.stat().st_size
     _finish(plan, out, opts, records)
-    peak = max(peak, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    peak = max(peak, peak_rss())
     return Summary(
         written,
         time.perf_counter() - start,
@@ -421,6 +422,18 @@ def execute(plan: Plan, out: Path, opts: Options) -> Summary:
         Counter(r["role"] for r in records),
         len(plan.shards) - len(todo),
     )
+
+
+def peak_rss() -> int:
+    """This process's high-water RSS. VmHWM belongs to the current program image; ru_maxrss
+    would also count a parent's memory inherited across fork + exec."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _try_link(src: Path, dst: Path) -> bool:

@@ -184,3 +184,45 @@ def tree_sha256(root: Path) -> dict[str, str]:
         for p in sorted(root.rglob("*"))
         if p.is_file()
     }
+
+
+ALL_COMPONENTS = ["attn_out", "mlp_out", "experts", "shared_experts", "router", "embed", "biases"]
+
+
+def num_layers_of(model_dir: Path) -> int:
+    import json
+
+    cfg = json.loads((model_dir / "config.json").read_text())
+    cfg = cfg.get("text_config") or cfg
+    return cfg.get("num_hidden_layers") or cfg["n_layer"]
+
+
+@pytest.fixture
+def job(tmp_path) -> Callable[..., Path]:
+    """job(model_dir, **orders) -> an orders file with a matching random .refuse beside it."""
+
+    def make(model_dir: Path, refuse_kw: dict | None = None, **fields) -> Path:
+        n = num_layers_of(model_dir)
+        meas = tmp_path / "model.refuse"
+        if not meas.exists():
+            write_refuse(meas, n, **(refuse_kw or {}))
+        body = {
+            "model": str(model_dir),
+            "measurements": str(meas),
+            "output": str(tmp_path / "out"),
+            **fields,
+        }
+        body.setdefault("ablate", [{"layers": f"0-{n - 1}", "measurement": 1}])
+        return write_orders(tmp_path / "orders.yaml", **body)
+
+    return make
+
+
+def run_cli(*args: str):
+    """Run the `ablation` command in-process; returns click's Result (exit_code, stdout,
+    stderr)."""
+    from click.testing import CliRunner
+
+    from ablation.cli import main
+
+    return CliRunner().invoke(main, [str(a) for a in args])

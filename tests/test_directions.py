@@ -1,0 +1,48 @@
+from __future__ import annotations
+
+import pytest
+import torch
+
+from ablation import directions
+from ablation.errors import AblationError
+
+
+def test_biproject_is_unit_and_orthogonal_to_harmless():
+    g = torch.Generator().manual_seed(0)
+    harmless = torch.randn(256, generator=g) * 50  # large means, as real activations have
+    refuse = torch.randn(256, generator=g) + 0.3 * harmless
+    r = directions.biproject(refuse, harmless)
+    assert abs(r.norm().item() - 1) < 1e-6
+    assert abs((r.double() @ torch.nn.functional.normalize(harmless.double(), dim=0)).item()) < 1e-6
+
+
+def test_difference_of_means_in_float64():
+    harmful = torch.full((1000, 4), 1e4, dtype=torch.float32)
+    harmful[0] += 1
+    harmless = torch.full((10, 4), 1e4, dtype=torch.float32)
+    diff = directions.difference_of_means(harmful, harmless)
+    assert diff.dtype == torch.float64
+    assert torch.allclose(diff, torch.full((4,), 1e-3, dtype=torch.float64))
+
+
+def test_sparsify_keeps_largest_and_renormalizes():
+    v = torch.tensor([0.1, -3.0, 0.2, 2.0])
+    out = directions.sparsify(v, 0.5)
+    assert out[0] == 0 and out[2] == 0
+    assert abs(out.norm().item() - 1) < 1e-6
+    assert directions.sparsify(v, 0.0) is v
+
+
+@pytest.mark.parametrize("bad", [torch.zeros(8), torch.full((8,), float("nan"))])
+def test_zero_or_non_finite_direction_is_an_error(bad):
+    with pytest.raises(AblationError, match="zero or not finite"):
+        directions.target_direction(bad, None, 0.0, "orders.yaml:3: layer 2")
+
+
+def test_target_direction_reprojects_against_target_harmless():
+    g = torch.Generator().manual_seed(1)
+    r = torch.nn.functional.normalize(torch.randn(64, generator=g), dim=0)
+    harmless_t = torch.randn(64, generator=g)
+    d = directions.target_direction(r, harmless_t, 0.0, "x")
+    assert abs(d.double() @ torch.nn.functional.normalize(harmless_t.double(), dim=0)) < 1e-6
+    assert directions.target_direction(r, None, 0.0, "x").allclose(r.double())
