@@ -45,14 +45,14 @@ class Payload:
 def test_legacy_reader_never_unpickles_objects(tmp_path):
     path = tmp_path / "evil.refuse"
     torch.save({"layers": 1, "x": Payload()}, path)
-    with pytest.raises(AblationError, match="neither a .refuse"):
+    with pytest.raises(AblationError, match=r"neither a \.refuse"):
         refuse.load(path)
 
 
 def test_other_safetensors_file_is_rejected(tmp_path):
     path = tmp_path / "weights.safetensors"
     save_file({"a": torch.zeros(2)}, path)
-    with pytest.raises(AblationError, match="not a .refuse file"):
+    with pytest.raises(AblationError, match=r"not a \.refuse file"):
         refuse.load(path)
 
 
