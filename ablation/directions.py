@@ -16,10 +16,21 @@ def normalize(v: torch.Tensor, what: str = "direction") -> torch.Tensor:
     return v / n
 
 
-def difference_of_means(harmful: torch.Tensor, harmless: torch.Tensor) -> torch.Tensor:
-    """refuse = mean(harmful) - mean(harmless), accumulated in float64."""
-    # harmful: [n, hidden], harmless: [m, hidden] -> [hidden]
-    return harmful.double().mean(0) - harmless.double().mean(0)
+def refusal(
+    harmful_mean: torch.Tensor, harmless_mean: torch.Tensor, projected: bool = True
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(raw difference of means, unit direction), in float64; the unit direction is biprojected
+    (the harmless mean's own direction removed) when `projected`. Where the two means agree
+    (a layer that sees only template tokens at the read position, say) there is no direction,
+    and the unit vector is all zeros rather than noise blown up to unit length."""
+    raw = harmful_mean.double() - harmless_mean.double()  # [hidden]
+    scale = max(harmful_mean.double().norm().item(), harmless_mean.double().norm().item(), 1.0)
+    if not torch.isfinite(raw).all() or raw.norm().item() <= 1e-6 * scale:
+        return raw, torch.zeros_like(raw)
+    ortho = orthogonalize(raw, harmless_mean) if projected else raw
+    if ortho.norm().item() <= 1e-6 * scale:
+        return raw, torch.zeros_like(raw)
+    return raw, ortho / ortho.norm()
 
 
 def orthogonalize(v: torch.Tensor, against: torch.Tensor) -> torch.Tensor:

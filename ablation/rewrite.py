@@ -12,7 +12,6 @@ import hashlib
 import json
 import logging
 import os
-import resource
 import shutil
 import time
 from collections import Counter
@@ -29,6 +28,7 @@ from ablation.checkpoint import ShardIndex, copy_file, open_index, read_tensor, 
 from ablation.errors import AblationError
 from ablation.hub import model_card
 from ablation.orders import LayerOrder, Orders
+from ablation.system import peak_rss
 
 LOG = logging.getLogger(__name__)
 
@@ -74,7 +74,8 @@ class Plan:
         for e in self.edits:
             key = "embed" if e.target.layer is None else str(e.target.layer)
             out.setdefault(key, Counter())[e.target.role] += 1
-        return {k: dict(v) for k, v in out.items()}
+        order = sorted(out, key=lambda k: -1 if k == "embed" else int(k))
+        return {k: dict(out[k]) for k in order}
 
     def fingerprint(self) -> str:
         """Changes whenever the bytes the plan would write could change."""
@@ -422,18 +423,6 @@ def execute(plan: Plan, out: Path, opts: Options) -> Summary:
         Counter(r["role"] for r in records),
         len(plan.shards) - len(todo),
     )
-
-
-def peak_rss() -> int:
-    """This process's high-water RSS. VmHWM belongs to the current program image; ru_maxrss
-    would also count a parent's memory inherited across fork + exec."""
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def _try_link(src: Path, dst: Path) -> bool:

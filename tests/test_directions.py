@@ -16,13 +16,14 @@ def test_biproject_is_unit_and_orthogonal_to_harmless():
     assert abs((r.double() @ torch.nn.functional.normalize(harmless.double(), dim=0)).item()) < 1e-6
 
 
-def test_difference_of_means_in_float64():
-    harmful = torch.full((1000, 4), 1e4, dtype=torch.float32)
-    harmful[0] += 1
-    harmless = torch.full((10, 4), 1e4, dtype=torch.float32)
-    diff = directions.difference_of_means(harmful, harmless)
-    assert diff.dtype == torch.float64
-    assert torch.allclose(diff, torch.full((4,), 1e-3, dtype=torch.float64))
+def test_refusal_raw_and_unit():
+    harmless = torch.tensor([3.0, 0.0, 0.0, 0.0])
+    harmful = torch.tensor([4.0, 2.0, 0.0, 0.0])
+    raw, unit = directions.refusal(harmful, harmless, projected=True)
+    assert raw.dtype == torch.float64 and raw.tolist() == [1.0, 2.0, 0.0, 0.0]
+    assert torch.allclose(unit, torch.tensor([0.0, 1.0, 0.0, 0.0], dtype=torch.float64))
+    _, plain = directions.refusal(harmful, harmless, projected=False)
+    assert torch.allclose(plain, raw / raw.norm())
 
 
 def test_sparsify_keeps_largest_and_renormalizes():
@@ -46,3 +47,11 @@ def test_target_direction_reprojects_against_target_harmless():
     d = directions.target_direction(r, harmless_t, 0.0, "x")
     assert abs(d.double() @ torch.nn.functional.normalize(harmless_t.double(), dim=0)) < 1e-6
     assert directions.target_direction(r, None, 0.0, "x").allclose(r.double())
+
+
+def test_refusal_of_identical_means_is_zero_not_noise():
+    m = torch.randn(16) * 100
+    raw, unit = directions.refusal(m, m.clone())
+    assert not raw.any() and not unit.any()
+    _, unit = directions.refusal(m + 1e-9, m)
+    assert not unit.any()

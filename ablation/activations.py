@@ -1,0 +1,264 @@
+"""Running the model: loading it for inference, turning prompts into token ids, and collecting
+the residual stream at one position of every prompt, at every layer, in batches."""
+
+from __future__ import annotations
+
+import logging
+import re
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import jinja2
+import torch
+
+from ablation.errors import AblationError
+
+LOG = logging.getLogger(__name__)
+
+POSITIONS = ("last-prompt", "first-generated")
+_LAYER = re.compile(r"layers\.(\d+)\.")
+
+
+def load_model(
+    path: str, dtype: str = "auto", device: str | None = None, quantize: str | None = None
+):
+    """Inference-only model and tokenizer. On a box with GPUs, device_map="auto" spreads the
+    model over GPUs and RAM; on CPU it stays in RAM."""
+    import transformers
+
+    kwargs: dict = {"dtype": dtype if dtype == "auto" else getattr(torch, dtype)}
+    if quantize:
+        try:
+            import bitsandbytes  # noqa: F401
+        except ImportError:
+            raise AblationError(
+                f"--load-in-{quantize} needs bitsandbytes (pip install bitsandbytes)"
+            ) from None
+        kwargs["quantization_config"] = transformers.BitsAndBytesConfig(
+            load_in_4bit=quantize == "4bit", load_in_8bit=quantize == "8bit"
+        )
+    if device in (None, "auto"):
+        if torch.cuda.is_available():
+            kwargs["device_map"] = "auto"
+    else:
+        kwargs["device_map"] = device
+    try:
+        tokenizer = transformers.AutoTokenizer.from_pretrained(path)
+        try:
+            model = transformers.AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        except ValueError:  # a multimodal checkpoint: its text stack is measured
+            model = transformers.AutoModelForImageTextToText.from_pretrained(path, **kwargs)
+    except OSError as exc:
+        raise AblationError(f"model {path}: cannot load ({str(exc).splitlines()[0]})") from exc
+    model.eval()
+    return model, tokenizer
+
+
+def _adds_bos(tokenizer) -> bool:
+    bos = tokenizer.bos_token_id
+    return bos is not None and tokenizer("a").input_ids[:1] == [bos]
+
+
+def encode(
+    tokenizer,
+    prompts: list[str],
+    system: str | None = None,
+    response_prefix: str | None = None,
+    require_template: bool = False,
+) -> tuple[list[list[int]], bool]:
+    """Token ids of each prompt as a chat turn with the generation prompt (plus an optional
+    response prefix), and whether a chat template was used. Exactly one BOS: a template that
+    writes BOS itself does not get a second one from the tokenizer."""
+    templated = bool(getattr(tokenizer, "chat_template", None))
+    if not templated:
+        if require_template:
+            raise AblationError("the tokenizer has no chat template (--require-template)")
+        LOG.warning("the tokenizer has no chat template: prompts are fed as plain text")
+    bos, adds_bos = tokenizer.bos_token_id, _adds_bos(tokenizer)
+    out = []
+    for prompt in prompts:
+        if templated:
+            messages = ([{"role": "system", "content": system}] if system else []) + [
+                {"role": "user", "content": prompt}
+            ]
+            try:
+                text = tokenizer.apply_chat_template(
+                    messages, tokenize=False, add_generation_prompt=True
+                )
+            except (jinja2.TemplateError, ValueError) as exc:
+                if system and "system" in str(exc).lower():
+                    raise AblationError(
+                        "the chat template rejects a system message; drop --system"
+                    ) from exc
+                raise AblationError(f"the chat template failed: {exc}") from exc
+            text += response_prefix or ""
+            ids = tokenizer(text, add_special_tokens=False).input_ids
+            if adds_bos and ids[:1] != [bos]:
+                ids = [bos, *ids]
+        else:
+            text = (f"{system}\n\n" if system else "") + prompt + (response_prefix or "")
+            ids = tokenizer(text).input_ids
+        out.append(ids)
+    return out, templated
+
+
+@dataclass
+class Collected:
+    """Per-layer sums (float64) and, when kept, each prompt's state (float32, prompt order)."""
+
+    sums: torch.Tensor  # [layers, hidden]
+    count: int
+    states: torch.Tensor | None  # [n, layers, hidden]
+    expert_counts: dict[int, torch.Tensor] = field(default_factory=dict)  # layer -> [E]
+    tokens: int = 0
+
+    @property
+    def means(self) -> torch.Tensor:
+        return self.sums / self.count
+
+
+def _routers(model, num_experts: int | None) -> dict[int, torch.nn.Module]:
+    """Router modules by layer: a [num_experts, hidden] weight named gate or router."""
+    if not num_experts:
+        return {}
+    found = {}
+    for name, module in model.named_modules():
+        w = getattr(module, "weight", None)
+        m = _LAYER.search(name + ".")
+        if (
+            m
+            and isinstance(w, torch.Tensor)
+            and w.ndim == 2
+            and w.shape[0] == num_experts
+            and name.rsplit(".", 1)[-1] in ("gate", "router")
+        ):
+            found[int(m.group(1))] = module
+    return found
+
+
+def collect(
+    model,
+    batches_ids: list[list[int]],
+    pad_id: int,
+    batch_size: int,
+    position: str = "last-prompt",
+    keep_states: bool = True,
+    num_experts: int | None = None,
+    top_k: int | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> Collected:
+    """Forward passes over length-sorted, left-padded batches; the hidden state of every layer
+    at the last prompt token (or at the first generated token) of each prompt."""
+    if position not in POSITIONS:
+        raise AblationError(f"--position {position!r}: use one of {', '.join(POSITIONS)}")
+    device = model.get_input_embeddings().weight.device
+    order = sorted(range(len(batches_ids)), key=lambda i: -len(batches_ids[i]))
+    sums = states = None
+    routers = _routers(model, num_experts)
+    counts: dict[int, torch.Tensor] = {}
+    live: dict = {}
+
+    def count_hook(layer: int):
+        def hook(_module, _inputs, output):
+            mask = live.get("mask")
+            if mask is None:
+                return
+            idx = _selected(output, top_k)
+            if idx is None or idx.shape[0] != mask.shape[0]:
+                return
+            flat = idx[mask].reshape(-1).cpu()
+            n = num_experts or 0
+            counts[layer] = (
+                counts.get(layer, torch.zeros(n, dtype=torch.float64))
+                + torch.bincount(flat, minlength=n).double()
+            )
+
+        return hook
+
+    hooks = [m.register_forward_hook(count_hook(layer)) for layer, m in routers.items()]
+    tokens = 0
+    try:
+        with torch.inference_mode():
+            for start in range(0, len(order), batch_size):
+                chunk = order[start : start + batch_size]
+                ids, mask = _pad([batches_ids[i] for i in chunk], pad_id, device)
+                tokens += int(mask.sum())
+                h = _states_at(model, ids, mask, position, live)  # [b, layers, hidden]
+                if sums is None:
+                    sums = torch.zeros(h.shape[1:], dtype=torch.float64)
+                    if keep_states:
+                        states = torch.zeros((len(order), *h.shape[1:]), dtype=torch.float32)
+                sums += h.double().sum(0).cpu()
+                if states is not None:
+                    states[torch.tensor(chunk)] = h.float().cpu()
+                if progress:
+                    progress(len(chunk))
+    except torch.OutOfMemoryError as exc:
+        raise AblationError(
+            f"out of memory at batch size {batch_size}: try a smaller --batch-size"
+        ) from exc
+    except RuntimeError as exc:
+        if "can't allocate memory" in str(exc) or "out of memory" in str(exc).lower():
+            raise AblationError(
+                f"out of memory at batch size {batch_size}: try a smaller --batch-size"
+            ) from exc
+        raise
+    finally:
+        for hk in hooks:
+            hk.remove()
+    if sums is None:
+        raise AblationError("no prompts to run")
+    return Collected(sums, len(order), states, counts, tokens)
+
+
+def _selected(output, top_k: int | None) -> torch.Tensor | None:
+    """Selected expert indices [tokens, k] from a router's output, whatever its form."""
+    if isinstance(output, tuple):
+        ints = [o for o in output if isinstance(o, torch.Tensor) and not o.is_floating_point()]
+        if ints:
+            return ints[-1].reshape(ints[-1].shape[0], -1)
+        output = output[0]
+    if isinstance(output, torch.Tensor) and output.is_floating_point() and top_k:
+        logits = output.reshape(-1, output.shape[-1])
+        return logits.topk(top_k, dim=-1).indices
+    return None
+
+
+def _pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+    width = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(seqs), width), dtype=torch.long)
+    for row, s in enumerate(seqs):  # left padding: the last token is at column -1 for all
+        ids[row, width - len(s) :] = torch.tensor(s)
+        mask[row, width - len(s) :] = 1
+    return ids.to(device), mask.to(device)
+
+
+def _states_at(
+    model, ids: torch.Tensor, mask: torch.Tensor, position: str, live: dict
+) -> torch.Tensor:
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # real positions despite left padding
+    live["mask"] = mask.reshape(-1).bool()
+    out = model(
+        input_ids=ids,
+        attention_mask=mask,
+        position_ids=positions,
+        output_hidden_states=True,
+        use_cache=position == "first-generated",
+        logits_to_keep=1,
+    )
+    live["mask"] = None
+    if position == "first-generated":
+        nxt = out.logits[:, -1].argmax(-1, keepdim=True)  # [b, 1]
+        mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
+        out = model(
+            input_ids=nxt,
+            attention_mask=mask,
+            position_ids=positions[:, -1:] + 1,
+            past_key_values=out.past_key_values,
+            output_hidden_states=True,
+            use_cache=True,
+            logits_to_keep=1,
+        )
+    hidden = out.hidden_states[:-1]  # index l: the residual stream entering decoder layer l
+    return torch.stack([h[:, -1, :].to(hidden[0].device) for h in hidden], dim=1)

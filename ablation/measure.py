@@ -1,0 +1,170 @@
+"""Step one: run the model on harmful and harmless prompts and write the .refuse file."""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+import psutil
+from tqdm import tqdm
+
+from ablation import __version__, activations, analysis, directions, prompts, refuse
+from ablation.errors import AblationError
+from ablation.hub import resolve_model
+from ablation.system import peak_rss
+
+LOG = logging.getLogger(__name__)
+
+
+@dataclass
+class MeasureOptions:
+    model: str
+    output: Path
+    harmful: str | None = None
+    harmless: str | None = None
+    text_field: str = "text"
+    max_prompts: int | None = None
+    seed: int = 0
+    batch_size: int = 16
+    device: str | None = None
+    dtype: str = "auto"
+    quantize: str | None = None
+    system: str | None = None
+    response_prefix: str | None = None
+    position: str = "last-prompt"
+    projected: bool = True
+    keep_projections: bool = True
+    require_template: bool = False
+
+
+@dataclass
+class MeasureSummary:
+    layers: int
+    n_harmful: int
+    n_harmless: int
+    seconds: float
+    peak_rss: int
+    auroc: dict[int, float]
+
+    def lines(self) -> list[str]:
+        n = self.n_harmful + self.n_harmless
+        out = [
+            f"layers     {self.layers}",
+            f"prompts    {self.n_harmful} harmful + {self.n_harmless} harmless",
+            f"time       {self.seconds:.1f} s ({n / max(self.seconds, 1e-9):.1f} prompts/s)",
+            f"peak RSS   {self.peak_rss / 2**20:.0f} MiB",
+        ]
+        if self.auroc:
+            best = max(self.auroc, key=lambda k: self.auroc[k])
+            out.append(f"separation best AUROC {self.auroc[best]:.3f} at layer {best}")
+            out.append("AUROC      " + " ".join(f"{k}:{v:.2f}" for k, v in self.auroc.items()))
+        return out
+
+
+def _check_writable(path: Path) -> None:
+    parent = path.resolve().parent
+    if not parent.is_dir():
+        raise AblationError(f"output {path}: directory {parent} does not exist")
+    if not os.access(parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+        raise AblationError(f"output {path}: not writable")
+
+
+def run(opts: MeasureOptions) -> tuple[refuse.Measurements, MeasureSummary]:
+    _check_writable(opts.output)
+    harmful, harmful_src = prompts.load(
+        opts.harmful, "harmful", "measure", opts.text_field, opts.max_prompts, opts.seed
+    )
+    harmless, harmless_src = prompts.load(
+        opts.harmless, "harmless", "measure", opts.text_field, opts.max_prompts, opts.seed
+    )
+    model_dir = resolve_model(opts.model)
+    start = time.perf_counter()
+    model, tok = activations.load_model(str(model_dir), opts.dtype, opts.device, opts.quantize)
+    text_cfg = model.config.get_text_config()
+    harmful_ids, templated = activations.encode(
+        tok, harmful, opts.system, opts.response_prefix, opts.require_template
+    )
+    harmless_ids, _ = activations.encode(
+        tok, harmless, opts.system, opts.response_prefix, opts.require_template
+    )
+    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id or 0
+    num_experts = next(
+        (
+            getattr(text_cfg, k)
+            for k in ("num_experts", "num_local_experts", "n_routed_experts")
+            if isinstance(getattr(text_cfg, k, None), int)
+        ),
+        None,
+    )
+    top_k = getattr(text_cfg, "num_experts_per_tok", None)
+    with tqdm(
+        total=len(harmful) + len(harmless), unit="prompt", desc="measure", disable=None
+    ) as bar:
+        kw = dict(
+            pad_id=pad,
+            batch_size=opts.batch_size,
+            position=opts.position,
+            keep_states=opts.keep_projections,
+            num_experts=num_experts,
+            top_k=top_k,
+            progress=bar.update,
+        )
+        got_harmful = activations.collect(model, harmful_ids, **kw)
+        got_harmless = activations.collect(model, harmless_ids, **kw)
+    seconds = time.perf_counter() - start
+    meas, aurocs = assemble(got_harmful, got_harmless, opts.projected)
+    meas.metadata.update(
+        {
+            "model": opts.model,
+            "model_type": str(getattr(model.config, "model_type", "")),
+            "num_layers": str(len(meas.layers)),
+            "hidden_size": str(meas.hidden_size),
+            "position": opts.position,
+            "projected": str(opts.projected).lower(),
+            "n_harmful": str(len(harmful)),
+            "n_harmless": str(len(harmless)),
+            "harmful_source": harmful_src,
+            "harmless_source": harmless_src,
+            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+            "chat_template": str(templated).lower(),
+            "system": opts.system or "",
+            "response_prefix": opts.response_prefix or "",
+            "tool_version": __version__,
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        }
+    )
+    refuse.save(opts.output, meas)
+    rss = psutil.Process().memory_info().rss
+    summary = MeasureSummary(
+        len(meas.layers), len(harmful), len(harmless), seconds, max(rss, peak_rss()), aurocs
+    )
+    return meas, summary
+
+
+def assemble(
+    harmful: activations.Collected, harmless: activations.Collected, projected: bool
+) -> tuple[refuse.Measurements, dict[int, float]]:
+    layers, aurocs = {}, {}
+    for layer in range(harmful.sums.shape[0]):
+        h_mean, l_mean = harmful.means[layer], harmless.means[layer]
+        raw, unit = directions.refusal(h_mean, l_mean, projected)
+        if not unit.any():
+            LOG.info("layer %d: harmful and harmless means agree; no direction", layer)
+        extra = {}
+        if harmful.states is not None and harmless.states is not None:
+            hp = harmful.states[:, layer].double() @ unit  # [n, hidden] @ [hidden] -> [n]
+            lp = harmless.states[:, layer].double() @ unit
+            extra = {"harmful_proj": hp.float(), "harmless_proj": lp.float()}
+            aurocs[layer] = analysis.auroc(hp, lp)
+        if layer in harmful.expert_counts:
+            extra["experts_harmful"] = harmful.expert_counts[layer].float()
+        if layer in harmless.expert_counts:
+            extra["experts_harmless"] = harmless.expert_counts[layer].float()
+        layers[layer] = refuse.LayerMeasurement(
+            h_mean.float(), l_mean.float(), raw.float(), unit.float(), extra
+        )
+    return refuse.Measurements(layers, {}), aurocs
