@@ -45,10 +45,10 @@ def test_batched_equals_one_at_a_time(family, position, chat_checkpoint, tmp_pat
 
 @pytest.mark.parametrize("family", ["llama", "qwen3_moe"])
 def test_refuse_file_directions(family, chat_checkpoint, tmp_path):
-    meas, summary = run_measure(tmp_path, chat_checkpoint(family))
+    _meas, summary = run_measure(tmp_path, chat_checkpoint(family))
     back = refuse.load(tmp_path / "m.refuse")
     assert sorted(back.layers) == list(range(3))
-    for layer, m in back.layers.items():
+    for m in back.layers.values():
         assert torch.allclose(m.refuse, m.harmful - m.harmless, atol=1e-5)
         n = m.refusenorm.double().norm().item()
         assert n == 0 or abs(n - 1) < 1e-6
