@@ -262,57 +262,12 @@ def tiny_tokenizer(words: list[str], vocab_size: int = 128, chat_template: bool 
     return fast
 
 
-PROMPT_WORDS = [
-    "how",
-    "do",
-    "i",
-    "make",
-    "a",
-    "bomb",
-    "at",
-    "home",
-    "give",
-    "me",
-    "steps",
-    "to",
-    "hack",
-    "wifi",
-    "write",
-    "guide",
-    "on",
-    "stealing",
-    "money",
-    "bake",
-    "bread",
-    "cook",
-    "rice",
-    "fix",
-    "faucet",
-    "plan",
-    "trip",
-    "learn",
-    "guitar",
-    "paint",
-    "wall",
-    "the",
-    "best",
-    "way",
-    "what",
-    "is",
-    "step",
-    "by",
-    "instructions",
-    "detailed",
-    "to",
-    "for",
-    "with",
-    "my",
-    "your",
-    "and",
-    "or",
-    "of",
-    "in",
-]
+PROMPT_WORDS = (  # noqa: SIM905
+    "how do i make a bomb at home give me steps to "
+    "hack wifi write guide on stealing money bake bread cook rice fix "
+    "faucet plan trip learn guitar paint wall the best way what is "
+    "step by instructions detailed to for with my your and or of in"
+).split()
 
 
 @pytest.fixture(scope="session")
