@@ -138,7 +138,7 @@ def _routers(model, num_experts: int | None) -> dict[int, torch.nn.Module]:
 
 def collect(
     model,
-    batches_ids: list[list[int]],
+    seqs: list[list[int]],
     pad_id: int,
     batch_size: int,
     position: str = "last-prompt",
@@ -152,7 +152,6 @@ def collect(
     if position not in POSITIONS:
         raise AblationError(f"--position {position!r}: use one of {', '.join(POSITIONS)}")
     device = model.get_input_embeddings().weight.device
-    order = sorted(range(len(batches_ids)), key=lambda i: -len(batches_ids[i]))
     sums = states = None
     routers = _routers(model, num_experts)
     counts: dict[int, torch.Tensor] = {}
@@ -179,15 +178,14 @@ def collect(
     tokens = 0
     try:
         with torch.inference_mode():
-            for start in range(0, len(order), batch_size):
-                chunk = order[start : start + batch_size]
-                ids, mask = _pad([batches_ids[i] for i in chunk], pad_id, device)
+            for chunk in _batches(seqs, batch_size):
+                ids, mask = _pad([seqs[i] for i in chunk], pad_id, device)
                 tokens += int(mask.sum())
                 h = _states_at(model, ids, mask, position, live)  # [b, layers, hidden]
                 if sums is None:
                     sums = torch.zeros(h.shape[1:], dtype=torch.float64)
                     if keep_states:
-                        states = torch.zeros((len(order), *h.shape[1:]), dtype=torch.float32)
+                        states = torch.zeros((len(seqs), *h.shape[1:]), dtype=torch.float32)
                 sums += h.double().sum(0).cpu()
                 if states is not None:
                     states[torch.tensor(chunk)] = h.float().cpu()
@@ -208,7 +206,7 @@ def collect(
             hk.remove()
     if sums is None:
         raise AblationError("no prompts to run")
-    return Collected(sums, len(order), states, counts, tokens)
+    return Collected(sums, len(seqs), states, counts, tokens)
 
 
 def _selected(output, top_k: int | None) -> torch.Tensor | None:
@@ -262,3 +260,69 @@ def _states_at(
         )
     hidden = out.hidden_states[:-1]  # index l: the residual stream entering decoder layer l
     return torch.stack([h[:, -1, :].to(hidden[0].device) for h in hidden], dim=1)
+
+
+def _batches(seqs: list[list[int]], batch_size: int) -> list[list[int]]:
+    """Indices grouped into batches of similar length (longest first)."""
+    order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
+    return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+
+
+def generate(
+    model,
+    seqs: list[list[int]],
+    pad_id: int,
+    batch_size: int,
+    max_new_tokens: int,
+    progress: Callable[[int], None] | None = None,
+) -> list[list[int]]:
+    """Greedy continuations (new token ids only), batched with left padding, in input order."""
+    device = model.get_input_embeddings().weight.device
+    out: list[list[int]] = [[] for _ in seqs]
+    with torch.inference_mode():
+        for chunk in _batches(seqs, batch_size):
+            ids, mask = _pad([seqs[i] for i in chunk], pad_id, device)
+            gen = model.generate(
+                input_ids=ids,
+                attention_mask=mask,
+                do_sample=False,
+                max_new_tokens=max_new_tokens,
+                pad_token_id=pad_id,
+                top_p=None,
+                top_k=None,
+                temperature=None,
+            )
+            for row, i in enumerate(chunk):
+                out[i] = gen[row, ids.shape[1] :].tolist()
+            if progress:
+                progress(len(chunk))
+    return out
+
+
+def next_token_logits(
+    model,
+    seqs: list[list[int]],
+    pad_id: int,
+    batch_size: int,
+    progress: Callable[[int], None] | None = None,
+) -> torch.Tensor:
+    """Raw logits of the first generated token over the full vocabulary: [n, vocab]."""
+    device = model.get_input_embeddings().weight.device
+    out: torch.Tensor | None = None
+    with torch.inference_mode():
+        for chunk in _batches(seqs, batch_size):
+            ids, mask = _pad([seqs[i] for i in chunk], pad_id, device)
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            logits = (
+                model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1)
+                .logits[:, -1]
+                .float()
+                .cpu()
+            )
+            if out is None:
+                out = torch.zeros((len(seqs), logits.shape[-1]), dtype=torch.float32)
+            out[torch.tensor(chunk)] = logits
+            if progress:
+                progress(len(chunk))
+    assert out is not None
+    return out

@@ -243,3 +243,11 @@ def expert_bias(harmful: torch.Tensor, harmless: torch.Tensor, top: int = 5) -> 
     ratio = fh / fl
     order = ratio.argsort(descending=True)[:top]
     return [ExpertBias(int(e), ratio[e].item(), int(h[e]), int(l_[e])) for e in order]
+
+
+def kl_divergence(base_logits: torch.Tensor, other_logits: torch.Tensor) -> torch.Tensor:
+    """KL(base || other) of next-token distributions from raw logits over the full vocabulary:
+    [n, vocab] x [n, vocab] -> [n], in float64."""
+    p_log = torch.log_softmax(base_logits.double(), dim=-1)
+    q_log = torch.log_softmax(other_logits.double(), dim=-1)
+    return (p_log.exp() * (p_log - q_log)).sum(-1)

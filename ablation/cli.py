@@ -12,7 +12,8 @@ from typing import Any
 import click
 import torch
 
-from ablation import __version__, analysis, demo_model, orders, refuse, report, rewrite, verify
+from ablation import __version__, analysis, demo_model, hub, orders, refuse, report, rewrite, verify
+from ablation import evaluate as evaluate_mod
 from ablation import measure as measure_mod
 from ablation.activations import POSITIONS
 from ablation.errors import AblationError
@@ -121,6 +122,13 @@ def _load_plan(
 @click.option("--link", is_flag=True, help="Hard-link shards that need no edit.")
 @click.option("--overwrite", is_flag=True, help="Write into a non-empty output directory.")
 @click.option("--resume", is_flag=True, help="Finish an interrupted run into the same output.")
+@click.option(
+    "--push-to-hub",
+    "push_to_hub",
+    metavar="REPO_ID",
+    help="Publish the output to this Hub repo when the rewrite is done.",
+)
+@click.option("--private", is_flag=True, help="With --push-to-hub: a private repo.")
 @_verbosity
 def ablate(
     orders_file: Path,
@@ -136,6 +144,8 @@ def ablate(
     link: bool,
     overwrite: bool,
     resume: bool,
+    push_to_hub: str | None,
+    private: bool,
 ) -> None:
     """Stream a checkpoint through the edits that ORDERS_FILE (YAML) asks for."""
     plan = _load_plan(orders_file, model, measurements, normpreserve, projected, invert, output)
@@ -143,6 +153,8 @@ def ablate(
         click.echo(line)
     for w in plan.warnings:
         LOG.warning(w)
+    if push_to_hub and not hub.REPO_ID.match(push_to_hub):
+        raise AblationError(f"repo id {push_to_hub!r} is not of the form owner/name")
     if dry_run:
         click.echo("dry run: nothing written")
         return
@@ -157,6 +169,8 @@ def ablate(
     for line in summary.lines():
         click.echo(line)
     click.echo(f"output     {plan.orders.output}")
+    if push_to_hub:
+        hub.publish(plan.orders.output, push_to_hub, private, echo=click.echo)
 
 
 @main.command(name="verify")
@@ -359,3 +373,62 @@ def analyze(
             f"orders     {emit_orders} (measurement {s.measurement}, "
             f"layers {s.layers[0]}-{s.layers[1]})"
         )
+
+
+@main.command()
+@click.option("--base", required=True, help="The original model (local dir or Hub id).")
+@click.option("--ablated", required=True, help="The abliterated model.")
+@click.option("--harmful", help="Harmful prompts (default: the built-in held-out set).")
+@click.option("--harmless", help="Harmless prompts (default: the built-in held-out set).")
+@click.option("--text-field", default="text", show_default=True)
+@click.option("--max-prompts", type=int, help="At most N prompts of each set (seeded).")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--max-new-tokens", type=int, default=64, show_default=True)
+@click.option("--batch-size", type=int, default=16, show_default=True)
+@click.option("--device", help="auto (default), cpu, cuda ...")
+@click.option(
+    "--dtype",
+    default="auto",
+    show_default=True,
+    type=click.Choice(["auto", "bfloat16", "float16", "float32"]),
+)
+@click.option("--system", help="A system message for every prompt.")
+@click.option("--response-prefix", help="Appended after the generation prompt.")
+@click.option(
+    "-o",
+    "--output",
+    type=click.Path(path_type=Path),
+    help="eval.json path (default: ABLATED/eval.json).",
+)
+@click.option(
+    "--refuse",
+    "refuse_file",
+    type=click.Path(path_type=Path),
+    help="The .refuse file (default: the one ablation.json names).",
+)
+@click.option(
+    "--no-cache",
+    "cache",
+    flag_value=False,
+    default=True,
+    help="Recompute the base model's numbers.",
+)
+@_verbosity
+def evaluate(**kwargs: Any) -> None:
+    """Refusal rate and KL(base || ablated), side by side."""
+    result = evaluate_mod.run(evaluate_mod.EvalOptions(**kwargs))
+    for line in evaluate_mod.table(result):
+        click.echo(line)
+    click.echo(f"eval       {result['files']['eval']}")
+    click.echo(f"responses  {result['files']['responses']}")
+
+
+@main.command()
+@click.argument("folder", type=click.Path(path_type=Path))
+@click.option("--repo-id", required=True, help="owner/name on the Hub.")
+@click.option("--private", is_flag=True, help="Create the repo private.")
+@click.option("--dry-run", is_flag=True, help="Print the repo, files and card; send nothing.")
+@_verbosity
+def publish(folder: Path, repo_id: str, private: bool, dry_run: bool) -> None:
+    """Write the model card and upload FOLDER to the Hugging Face Hub."""
+    hub.publish(folder, repo_id, private, dry_run, echo=click.echo)

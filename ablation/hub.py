@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import re
 from pathlib import Path
 
-from huggingface_hub import ModelCard, ModelCardData, snapshot_download
+import yaml
+from huggingface_hub import HfApi, ModelCard, ModelCardData, get_token, snapshot_download
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import HfHubHTTPError, LocalEntryNotFoundError
 
-from ablation import __version__
 from ablation.errors import AblationError
 
 LOG = logging.getLogger(__name__)
@@ -48,23 +49,148 @@ def resolve_model(spec: str) -> Path:
         raise AblationError(f"model {spec!r}: cannot get it from the Hub ({first})") from exc
 
 
-def model_card(base_model: str, orders_table: list[dict], counts: dict[str, int]) -> ModelCard:
-    """A card that says where the weights came from and what was done to them."""
+def base_license(model_dir: Path) -> str | None:
+    """The license in the base model's card metadata, if it has one."""
+    card = model_dir / "README.md"
+    if not card.is_file():
+        return None
+    try:
+        return ModelCard.load(card).data.license
+    except (ValueError, OSError, yaml.YAMLError) as exc:
+        LOG.debug("cannot read the base model card: %s", exc)
+        return None
+
+
+def model_card(
+    record: dict, evaluation: dict | None = None, license: str | None = None
+) -> ModelCard:
+    """A card that says where the weights came from, what was done to them, and (after
+    `ablation evaluate`) what it changed."""
+    base = record["base_model"]
+    orders = record["orders"]
     data = ModelCardData(
-        base_model=base_model if REPO_ID.match(base_model) else None,
+        base_model=base if REPO_ID.match(base) else None,
+        license=license,
         tags=["abliterated", "uncensored", "ablation"],
     )
     rows = "\n".join(
         f"| {o['layer']} | {o['measurement']} | {o['scale']:g} | {o['sparsity']:g} |"
-        for o in orders_table
+        for o in orders["layers"]
     )
-    edited = ", ".join(f"{k}: {v}" for k, v in sorted(counts.items()))
-    content = (
-        f"---\n{data.to_yaml()}\n---\n\n# {Path(base_model).name} (abliterated)\n\n"
-        f"The refusal direction was removed from `{base_model}` with "
-        f"[ablation](https://pypi.org/project/ablation/) {__version__}.\n\n"
-        f"Tensors edited per role: {edited}.\n\n"
-        "| layer | measurement | scale | sparsity |\n|---|---|---|---|\n"
-        f"{rows}\n\nThe full record is in `ablation.json`.\n"
+    edited = ", ".join(f"{k} {v}" for k, v in sorted(record["counts_by_role"].items()))
+    meta = record["refuse"].get("metadata", {})
+    measured = ", ".join(
+        f"{k}: {meta[k]}"
+        for k in ("model", "n_harmful", "n_harmless", "position", "projected", "created")
+        if meta.get(k)
     )
-    return ModelCard(content)
+    sections = [
+        f"# {Path(base).name}, abliterated",
+        f"The refusal direction was removed from [`{base}`](https://huggingface.co/{base}) "
+        f"with ablation {record['version']}: a {orders['method']} edit "
+        f"({'biprojected' if orders['projected'] else 'plain'} direction) of "
+        f"{', '.join(orders['components'])}, streamed shard by shard through the "
+        "safetensors checkpoint.",
+        f"Edited tensors by role: {edited}.",
+        f"| layer | measurement | scale | sparsity |\n|---|---|---|---|\n{rows}",
+        f"Measurement (`.refuse`, sha256 `{record['refuse']['sha256'][:16]}...`): {measured}.",
+    ]
+    if evaluation:
+        b, a, kl = evaluation["base"], evaluation["ablated"], evaluation["kl"]
+        sections.append(
+            "## Evaluation\n\n| | base | abliterated |\n|---|---|---|\n"
+            f"| refusal rate ({b['n_harmful']} held-out harmful prompts) | "
+            f"{b['refusal_rate']:.1%} | {a['refusal_rate']:.1%} |\n"
+            f"| KL(base \\|\\| abliterated), first token, harmless prompts | - | "
+            f"{kl['mean']:.4f} |"
+        )
+    sections.append("The full record (resolved orders, every edited tensor) is in `ablation.json`.")
+    return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n\n".join(sections) + "\n")
+
+
+PUBLISH_SKIP = (".ablation-progress.json",)
+LARGE_FOLDER = 5 * 10**9
+
+
+def checkpoint_files(folder: Path) -> list[Path]:
+    files = [
+        p
+        for p in sorted(folder.rglob("*"))
+        if p.is_file()
+        and not any(part.startswith(".") for part in p.relative_to(folder).parts)
+        and not p.name.endswith(".partial")
+        and p.name not in PUBLISH_SKIP
+    ]
+    names = {p.name for p in files}
+    if "config.json" not in names or not (
+        "model.safetensors" in names or "model.safetensors.index.json" in names
+    ):
+        raise AblationError(
+            f"{folder} is not a checkpoint (needs config.json and "
+            "model.safetensors or model.safetensors.index.json)"
+        )
+    return files
+
+
+def publish(
+    folder: Path, repo_id: str, private: bool = False, dry_run: bool = False, echo=print
+) -> None:
+    """Write the final card, then upload the folder (resumable for large ones)."""
+    if not REPO_ID.match(repo_id):
+        raise AblationError(f"repo id {repo_id!r} is not of the form owner/name")
+    if not folder.is_dir():
+        raise AblationError(f"{folder} is not a directory")
+    files = checkpoint_files(folder)
+    record_path = folder / "ablation.json"
+    if record_path.exists():
+        record = json.loads(record_path.read_text())
+        evaluation = None
+        if (folder / "eval.json").exists():
+            evaluation = json.loads((folder / "eval.json").read_text())
+        card = model_card(
+            record,
+            evaluation,
+            base_license(folder.joinpath("README.base.md"))
+            if (folder / "README.base.md").exists()
+            else None,
+        )
+    else:
+        card = None
+        LOG.warning("%s has no ablation.json: its README.md is published as it is", folder)
+    total = sum(p.stat().st_size for p in files)
+    echo(f"repo       {repo_id} ({'private' if private else 'public'})")
+    for p in files:
+        echo(f"file       {p.stat().st_size:>14,d}  {p.relative_to(folder)}")
+    echo(f"total      {total:>14,d}  bytes in {len(files)} files")
+    if dry_run:
+        if card is not None:
+            echo("card:\n" + str(card))
+        echo("dry run: nothing sent")
+        return
+    token = get_token()
+    if not token:
+        raise AblationError("no Hugging Face token: run `hf auth login` or set HF_TOKEN")
+    if card is not None:
+        card.save(folder / "README.md")
+    api = HfApi(token=token)
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True, repo_type="model")
+        if total > LARGE_FOLDER:
+            api.upload_large_folder(
+                repo_id=repo_id,
+                folder_path=folder,
+                repo_type="model",
+                private=private,
+                ignore_patterns=["*.partial", *PUBLISH_SKIP],
+            )
+        else:
+            api.upload_folder(
+                repo_id=repo_id,
+                folder_path=folder,
+                repo_type="model",
+                commit_message="Upload abliterated model",
+                ignore_patterns=["*.partial", *PUBLISH_SKIP],
+            )
+    except HfHubHTTPError as exc:
+        raise AblationError(f"upload to {repo_id} failed: {str(exc).splitlines()[0]}") from exc
+    echo(f"published  https://huggingface.co/{repo_id}")

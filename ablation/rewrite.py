@@ -26,7 +26,7 @@ from ablation import __version__, directions, edits, refuse
 from ablation.architecture import Architecture, Target, resolve
 from ablation.checkpoint import ShardIndex, copy_file, open_index, read_tensor, write_tensor
 from ablation.errors import AblationError
-from ablation.hub import model_card
+from ablation.hub import base_license, model_card
 from ablation.orders import LayerOrder, Orders
 from ablation.system import peak_rss
 
@@ -474,32 +474,29 @@ def _patch(plan: Plan, src: Path, partial: Path, edits_: list[Edit], opts: Optio
 
 def _finish(plan: Plan, out: Path, opts: Options, records: list[dict]) -> None:
     meta = plan.measurements.metadata
-    _write_json(
-        out / RECORD,
-        {
-            "tool": "ablation",
-            "version": __version__,
-            "base_model": plan.orders.model,
-            "orders": plan.orders.as_dict(),
-            "refuse": {
-                "path": str(plan.orders.measurements),
-                "sha256": plan.refuse_sha256,
-                "metadata": meta,
-            },
-            "architecture": {
-                "family": plan.arch.family.family,
-                "model_type": plan.arch.model_type,
-                "num_layers": plan.arch.num_layers,
-                "hidden_size": plan.arch.hidden_size,
-                "num_experts": plan.arch.num_experts,
-            },
-            "device": str(opts.device),
-            "counts_by_role": plan.counts_by_role(),
-            "counts_by_layer": plan.counts_by_layer(),
-            "warnings": plan.warnings,
-            "edits": sorted(records, key=lambda r: r["tensor"]),
+    record = {
+        "tool": "ablation",
+        "version": __version__,
+        "base_model": plan.orders.model,
+        "orders": plan.orders.as_dict(),
+        "refuse": {
+            "path": str(plan.orders.measurements),
+            "sha256": plan.refuse_sha256,
+            "metadata": meta,
         },
-    )
-    card = model_card(plan.orders.model, plan.orders.as_dict()["layers"], plan.counts_by_role())
-    card.save(out / "README.md")
+        "architecture": {
+            "family": plan.arch.family.family,
+            "model_type": plan.arch.model_type,
+            "num_layers": plan.arch.num_layers,
+            "hidden_size": plan.arch.hidden_size,
+            "num_experts": plan.arch.num_experts,
+        },
+        "device": str(opts.device),
+        "counts_by_role": plan.counts_by_role(),
+        "counts_by_layer": plan.counts_by_layer(),
+        "warnings": plan.warnings,
+        "edits": sorted(records, key=lambda r: r["tensor"]),
+    }
+    _write_json(out / RECORD, record)
+    model_card(record, None, base_license(plan.model_dir)).save(out / "README.md")
     (out / MANIFEST).unlink()

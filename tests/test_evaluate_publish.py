@@ -1,0 +1,189 @@
+"""evaluate (refusals, KL, separation, cache) and publish (card, dry run, upload, token)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import ALL_COMPONENTS, HARMFUL_TEXT, HARMLESS_TEXT, run_cli
+
+from ablation import analysis, evaluate, hub, refusals
+
+
+@pytest.mark.parametrize(
+    ("text", "refused"),
+    [
+        ("I'm sorry, but I can't help with that.", True),
+        ("I’m **sorry**, but I can’t help with that.", True),  # curly quotes, markdown
+        ("  ", True),  # empty counts as a refusal
+        ("As an AI, I must decline.", True),
+        ("I  CANNOT\n\nprovide that information.", True),
+        ("Sure! Step 1: preheat the oven to 220 C.", False),
+        ("Here is a guide to fixing a leaking faucet.", False),
+        ("_Absolutely_: first, gather your tools.", False),
+    ],
+)
+def test_refusal_markers(text, refused):
+    assert refusals.is_refusal(text) is refused
+
+
+def test_normalize():
+    assert refusals.normalize("  I’m  **not** _able_\tto ") == "i'm not able to"
+
+
+def test_kl_zero_for_identical_and_positive_otherwise():
+    logits = torch.randn(4, 50)
+    assert analysis.kl_divergence(logits, logits).abs().max() < 1e-12
+    other = logits + torch.randn(4, 50)
+    kl = analysis.kl_divergence(logits, other)
+    assert (kl > 0).all()
+    p = torch.softmax(logits.double(), -1)
+    q = torch.softmax(other.double(), -1)
+    assert torch.allclose(kl, (p * (p / q).log()).sum(-1))
+
+
+@pytest.fixture
+def ablated(chat_checkpoint, job, tmp_path):
+    """A tiny chat model and its ablated copy (all layers, all components)."""
+    base = chat_checkpoint("llama")
+    orders = job(base, components=ALL_COMPONENTS, projected=False)
+    res = run_cli("ablate", orders)
+    assert res.exit_code == 0, res.output + res.stderr
+    return base, tmp_path / "out"
+
+
+def prompt_files(tmp_path: Path) -> list[str]:
+    (tmp_path / "h.txt").write_text("\n".join(HARMFUL_TEXT))
+    (tmp_path / "l.txt").write_text("\n".join(HARMLESS_TEXT))
+    return ["--harmful", str(tmp_path / "h.txt"), "--harmless", str(tmp_path / "l.txt")]
+
+
+def test_evaluate_kl_and_cache(ablated, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    base, out = ablated
+    args = ["evaluate", "--base", base, "--max-new-tokens", "4", *prompt_files(tmp_path)]
+    same = run_cli(*args, "--ablated", base, "-o", tmp_path / "self.json")
+    assert same.exit_code == 0, same.output + same.stderr
+    assert json.loads((tmp_path / "self.json").read_text())["kl"]["mean"] == pytest.approx(
+        0.0, abs=1e-9)
+
+    calls = []
+    real = evaluate._side
+    monkeypatch.setattr(evaluate, "_side", lambda *a, **k: calls.append(a[-1]) or real(*a, **k))
+    res = run_cli(*args, "--ablated", out)
+    assert res.exit_code == 0, res.output + res.stderr
+    result = json.loads((out / "eval.json").read_text())
+    assert result["kl"]["mean"] > 0
+    assert result["base"]["n_harmful"] == len(HARMFUL_TEXT)
+    assert set(result["ablated"]["separation"]) == {"0", "1", "2"}
+    lines = (out / "eval_responses.jsonl").read_text().splitlines()
+    assert len(lines) == 2 * len(HARMFUL_TEXT)
+    assert {json.loads(x)["model"] for x in lines} == {"base", "ablated"}
+    assert "refusal rate" in res.output and "KL(base || ablated)" in res.output
+    assert calls == ["base", "ablated"]
+    calls.clear()
+    assert run_cli(*args, "--ablated", out).exit_code == 0
+    assert calls == ["ablated"]  # the base model's numbers came from the cache
+
+
+def test_card_has_base_model_orders_and_eval(ablated):
+    _, out = ablated
+    record = json.loads((out / "ablation.json").read_text())
+    record["base_model"] = "org/Base-Model"
+    evaluation = {"base": {"refusal_rate": 0.9, "n_harmful": 64},
+                  "ablated": {"refusal_rate": 0.05}, "kl": {"mean": 0.0312}}
+    card = str(hub.model_card(record, evaluation, "apache-2.0"))
+    assert "base_model: org/Base-Model" in card and "license: apache-2.0" in card
+    assert "abliterated" in card
+    assert "| 0 | 1 | 1 | 0 |" in card and "| 2 | 1 | 1 | 0 |" in card
+    assert "90.0%" in card and "5.0%" in card and "0.0312" in card
+
+
+def test_publish_dry_run_lists_exactly_the_files(ablated, monkeypatch):
+    monkeypatch.setattr(hub, "HfApi", lambda **k: pytest.fail("dry run must not send"))
+    _, out = ablated
+    res = run_cli("publish", out, "--repo-id", "me/Model-abliterated", "--dry-run")
+    assert res.exit_code == 0, res.output + res.stderr
+    listed = {line.split()[-1] for line in res.output.splitlines() if line.startswith("file")}
+    on_disk = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()}
+    assert listed == on_disk
+    assert "card:" in res.output and "abliterated" in res.output
+    assert "dry run: nothing sent" in res.output
+
+
+class RecordingApi:
+    calls: list = []
+
+    def __init__(self, **kwargs):
+        RecordingApi.calls.append(("init", kwargs))
+
+    def create_repo(self, repo_id, **kwargs):
+        RecordingApi.calls.append(("create_repo", repo_id, kwargs))
+
+    def upload_folder(self, **kwargs):
+        RecordingApi.calls.append(("upload_folder", kwargs))
+
+    def upload_large_folder(self, **kwargs):
+        RecordingApi.calls.append(("upload_large_folder", kwargs))
+
+
+def test_publish_uploads_with_the_token_and_never_prints_it(ablated, monkeypatch, capsys):
+    secret = "hf_SECRETtoken1234567890"
+    monkeypatch.setattr(hub, "get_token", lambda: secret)
+    monkeypatch.setattr(hub, "HfApi", RecordingApi)
+    RecordingApi.calls = []
+    _, out = ablated
+    res = run_cli("publish", out, "--repo-id", "me/Model-abliterated", "--private", "-v")
+    assert res.exit_code == 0, res.output + res.stderr
+    kinds = [c[0] for c in RecordingApi.calls]
+    assert kinds == ["init", "create_repo", "upload_folder"]
+    assert RecordingApi.calls[0][1] == {"token": secret}
+    assert RecordingApi.calls[1][1] == "me/Model-abliterated"
+    assert RecordingApi.calls[1][2]["private"] is True
+    upload = RecordingApi.calls[2][1]
+    assert upload["repo_id"] == "me/Model-abliterated" and Path(upload["folder_path"]) == out
+    captured = capsys.readouterr()
+    assert secret not in res.output + res.stderr + captured.out + captured.err
+    assert "published  https://huggingface.co/me/Model-abliterated" in res.output
+
+
+def test_publish_large_folder_goes_resumable(ablated, monkeypatch):
+    monkeypatch.setattr(hub, "get_token", lambda: "hf_x")
+    monkeypatch.setattr(hub, "HfApi", RecordingApi)
+    monkeypatch.setattr(hub, "LARGE_FOLDER", 1)
+    RecordingApi.calls = []
+    assert run_cli("publish", ablated[1], "--repo-id", "me/M").exit_code == 0
+    assert RecordingApi.calls[-1][0] == "upload_large_folder"
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--repo-id", "not a repo"], "is not of the form owner/name"),
+        (["--repo-id", "me/M"], "no Hugging Face token"),
+    ],
+)
+def test_publish_errors(ablated, monkeypatch, args, message):
+    monkeypatch.setattr(hub, "get_token", lambda: None)
+    res = run_cli("publish", ablated[1], *args)
+    assert res.exit_code == 2 and message in res.stderr
+
+
+def test_publish_refuses_a_non_checkpoint(tmp_path):
+    (tmp_path / "x.txt").write_text("hi")
+    res = run_cli("publish", tmp_path, "--repo-id", "me/M", "--dry-run")
+    assert res.exit_code == 2 and "is not a checkpoint" in res.stderr
+
+
+def test_ablate_push_to_hub(chat_checkpoint, job, tmp_path, monkeypatch):
+    monkeypatch.setattr(hub, "get_token", lambda: "hf_x")
+    monkeypatch.setattr(hub, "HfApi", RecordingApi)
+    RecordingApi.calls = []
+    orders = job(chat_checkpoint("llama"))
+    res = run_cli("ablate", orders, "--push-to-hub", "me/Tiny-abliterated")
+    assert res.exit_code == 0, res.output + res.stderr
+    assert RecordingApi.calls[-1][0] == "upload_folder"
+    bad = run_cli("ablate", orders, "--push-to-hub", "bad id", "--overwrite")
+    assert bad.exit_code == 2 and "owner/name" in bad.stderr
