@@ -36,8 +36,8 @@ ablation verify "$OUT/gemma-3-270m-abliterated" --orders "$OUT/orders.yaml" -q
 
 step "6/6 evaluate: refusals and KL before vs after, separation along the ablated direction"
 echo "gemma-3-270m is a base model and barely refuses: the refusal rates say little here. The"
-echo "mechanistic effect is the point: harmful/harmless separation along the direction drops to"
-echo "chance (auroc ~0.5) downstream of the ablated layers, at a small KL cost."
+echo "mechanistic effect is the point: the harmful/harmless separation (auroc) along the ablated"
+echo "direction falls sharply in the layers after the edits, at a small KL cost."
 ablation evaluate --base "$MODEL" --ablated "$OUT/gemma-3-270m-abliterated" \
   --max-new-tokens 32 --batch-size 32 -q
 
