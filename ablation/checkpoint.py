@@ -234,26 +234,38 @@ def write_tensor(fd: int, info: TensorInfo, tensor: torch.Tensor) -> None:
         done += os.pwrite(fd, data[done:], info.start + done)
 
 
-def copy_file(src: Path, dst: Path, progress: Callable[[int], None] | None = None) -> None:
-    """Copy bytes in the kernel (copy_file_range: a reflink on filesystems that share extents)."""
+def copy_range(
+    fd_in: int, fd_out: int, offset: int, length: int, progress: Callable[[int], None] | None = None
+) -> None:
+    """Copy [offset, offset + length) to the same offsets, in the kernel (copy_file_range: a
+    reflink where the filesystem shares extents), falling back to pread/pwrite."""
     chunk = 64 * 1024 * 1024
+    done = 0
+    use_range = hasattr(os, "copy_file_range")
+    while done < length:
+        count = min(chunk, length - done)
+        pos = offset + done
+        if use_range:
+            try:
+                n = os.copy_file_range(fd_in, fd_out, count, pos, pos)
+            except OSError:
+                use_range = False
+                continue
+        else:
+            data = os.pread(fd_in, count, pos)
+            n = len(data)
+            written = 0
+            while written < n:
+                written += os.pwrite(fd_out, data[written:], pos + written)
+        if n == 0:
+            raise AblationError(f"unexpected end of input at byte {pos}")
+        done += n
+        if progress:
+            progress(n)
+
+
+def copy_file(src: Path, dst: Path, progress: Callable[[int], None] | None = None) -> None:
+    """Copy a whole file in the kernel."""
     with open(src, "rb") as fin, open(dst, "wb") as fout:
         size = os.fstat(fin.fileno()).st_size
-        done = 0
-        use_range = hasattr(os, "copy_file_range")
-        while done < size:
-            count = min(chunk, size - done)
-            if use_range:
-                try:
-                    n = os.copy_file_range(fin.fileno(), fout.fileno(), count, done, done)
-                except OSError:
-                    use_range = False
-                    continue
-            else:
-                fout.seek(done)  # sendfile writes at the output's file position
-                n = os.sendfile(fout.fileno(), fin.fileno(), done, count)
-            if n == 0:
-                raise AblationError(f"{src}: file shrank while being copied")
-            done += n
-            if progress:
-                progress(n)
+        copy_range(fin.fileno(), fout.fileno(), 0, size, progress)

@@ -14,7 +14,8 @@ import logging
 import os
 import shutil
 import time
-from collections import Counter
+from collections import Counter, deque
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,7 +25,14 @@ from tqdm import tqdm
 
 from ablation import __version__, directions, edits, refuse
 from ablation.architecture import Architecture, Target, resolve
-from ablation.checkpoint import ShardIndex, copy_file, open_index, read_tensor, write_tensor
+from ablation.checkpoint import (
+    ShardIndex,
+    copy_file,
+    copy_range,
+    open_index,
+    read_tensor,
+    write_tensor,
+)
 from ablation.errors import AblationError
 from ablation.hub import base_license, model_card
 from ablation.orders import LayerOrder, Orders
@@ -396,11 +404,12 @@ def execute(plan: Plan, out: Path, opts: Options) -> Summary:
             if not edits_ and opts.link and _try_link(src, final):
                 bar.update(shard_bytes[shard])
             else:
-                copy_file(src, partial, bar.update)
                 if edits_:
                     bar.set_postfix_str(shard, refresh=False)
-                    records += _patch(plan, src, partial, edits_, opts)
+                    records += _write_shard(plan, src, partial, edits_, opts, bar.update)
                     peak = max(peak, proc.memory_info().rss)
+                else:
+                    copy_file(src, partial, bar.update)
                 with open(partial, "rb+") as f:
                     os.fsync(f.fileno())
                 os.replace(partial, final)
@@ -436,40 +445,105 @@ def _try_link(src: Path, dst: Path) -> bool:
         return False
 
 
-def _patch(plan: Plan, src: Path, partial: Path, edits_: list[Edit], opts: Options) -> list[dict]:
-    """Edit each planned tensor: read its range from the source, edit, write the same range."""
+def _gaps(size: int, edits_: list[Edit]) -> list[tuple[int, int]]:
+    """(offset, length) of every byte range no edit rewrites: header, unedited tensors."""
+    out, pos = [], 0
+    for e in edits_:  # sorted by offset, never overlapping (checked with the header)
+        if e.target.info.start > pos:
+            out.append((pos, e.target.info.start - pos))
+        pos = max(pos, e.target.info.end)
+    if size > pos:
+        out.append((pos, size - pos))
+    return out
+
+
+def _write_shard(
+    plan: Plan, src: Path, partial: Path, edits_: list[Edit], opts: Options, progress
+) -> list[dict]:
+    """Write a shard touching each byte once: unedited ranges by kernel copy (in a worker),
+    edited tensors read ahead, edited on the device, and written behind by two I/O workers,
+    with at most IN_FLIGHT tensors' worth of bytes buffered besides the one being edited."""
+    size = plan.index.shards[src.name].size
+    budget = max(2 * max(e.target.info.nbytes for e in edits_), 64 << 20)
     records = []
-    src_fd = os.open(src, os.O_RDONLY)
-    dst_fd = os.open(partial, os.O_RDWR)
+    fd_in = os.open(src, os.O_RDONLY)
+    fd_out = os.open(partial, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
     try:
-        for e in edits_:
-            info = e.target.info
-            w = read_tensor(src_fd, info).to(opts.device)
-            d = plan.directions[e.direction]
-            spec = edits.EditSpec(e.scale, e.norm_preserving, opts.compute_dtype)
-            edits.project_out_(w, d, e.target.hidden_axis, spec)
-            residue_abs, residue_rel = edits.projection_residue(w, d, e.target.hidden_axis)
-            write_tensor(dst_fd, info, w)
-            del w
-            records.append(
-                {
-                    "tensor": info.name,
-                    "shard": info.shard,
-                    "role": e.target.role,
-                    "layer": e.target.layer,
-                    "expert": e.target.expert,
-                    "measurement": e.measurement,
-                    "scale": e.scale,
-                    "method": "norm-preserving" if e.norm_preserving else "standard",
-                    "direction": e.direction,
-                    "max_abs_projection": residue_abs,
-                    "max_rel_projection": residue_rel,
-                }
+        os.ftruncate(fd_out, size)
+        with ThreadPoolExecutor(max_workers=3, thread_name_prefix="io") as pool:
+            gaps = pool.submit(
+                lambda: [copy_range(fd_in, fd_out, o, n, progress) for o, n in _gaps(size, edits_)]
             )
+            reads: deque = deque()
+            writes: deque = deque()
+            todo = deque(edits_)
+            buffered = 0
+
+            def fill() -> None:
+                nonlocal buffered
+                while todo and (not reads or buffered + todo[0].target.info.nbytes <= budget):
+                    e = todo.popleft()
+                    buffered += e.target.info.nbytes
+                    reads.append((e, pool.submit(read_tensor, fd_in, e.target.info)))
+
+            fill()
+            while reads:
+                e, future = reads.popleft()
+                w = future.result()
+                buffered -= e.target.info.nbytes
+                fill()
+                w, record = _edit(plan, e, w, opts)
+                records.append(record)
+                while writes and buffered + writes[0][0] > budget:
+                    nbytes, done = writes.popleft()
+                    done.result()
+                    buffered -= nbytes
+                buffered += e.target.info.nbytes
+                writes.append(
+                    (
+                        e.target.info.nbytes,
+                        pool.submit(_write_and_count, fd_out, e.target.info, w, progress),
+                    )
+                )
+                del w
+                fill()
+            for _, done in writes:
+                done.result()
+            gaps.result()
     finally:
-        os.close(src_fd)
-        os.close(dst_fd)
+        os.close(fd_in)
+        os.close(fd_out)
     return records
+
+
+def _write_and_count(fd: int, info, w: torch.Tensor, progress) -> None:
+    write_tensor(fd, info, w)
+    progress(info.nbytes)
+
+
+def _edit(plan: Plan, e: Edit, w: torch.Tensor, opts: Options) -> tuple[torch.Tensor, dict]:
+    """Edit one tensor on the device (in place on the CPU); the edited tensor, back on the CPU,
+    and its entry for ablation.json."""
+    info = e.target.info
+    on_device = w.to(opts.device) if opts.device.type != "cpu" else w
+    spec = edits.EditSpec(e.scale, e.norm_preserving, opts.compute_dtype)
+    residue_abs, residue_rel = edits.project_out_(
+        on_device, plan.directions[e.direction], e.target.hidden_axis, spec
+    )
+    record = {
+        "tensor": info.name,
+        "shard": info.shard,
+        "role": e.target.role,
+        "layer": e.target.layer,
+        "expert": e.target.expert,
+        "measurement": e.measurement,
+        "scale": e.scale,
+        "method": "norm-preserving" if e.norm_preserving else "standard",
+        "direction": e.direction,
+        "max_abs_projection": residue_abs,
+        "max_rel_projection": residue_rel,
+    }
+    return on_device.cpu(), record
 
 
 def _finish(plan: Plan, out: Path, opts: Options, records: list[dict]) -> None:

@@ -117,9 +117,12 @@ def test_zero_vectors_stay_zero():
 
 def test_in_place_edit_does_not_allocate_a_copy():
     w = torch.randn(32, 64)
+    before = w.clone()
     ptr = w.data_ptr()
-    out = edits.project_out_(w, unit(32), 0, NP)
-    assert out.data_ptr() == ptr
+    residue = edits.project_out_(w, unit(32), 0, NP)
+    assert w.data_ptr() == ptr and not torch.equal(w, before)
+    assert residue[1] < 1e-5
+    assert residue[1] == pytest.approx(edits.projection_residue(w, unit(32), 0)[1], abs=1e-6)
 
 
 def test_post_norm_direction_makes_residual_contribution_orthogonal():

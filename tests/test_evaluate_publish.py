@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import typing
 from pathlib import Path
 
 import pytest
@@ -67,7 +68,8 @@ def test_evaluate_kl_and_cache(ablated, tmp_path, monkeypatch):
     same = run_cli(*args, "--ablated", base, "-o", tmp_path / "self.json")
     assert same.exit_code == 0, same.output + same.stderr
     assert json.loads((tmp_path / "self.json").read_text())["kl"]["mean"] == pytest.approx(
-        0.0, abs=1e-9)
+        0.0, abs=1e-9
+    )
 
     calls = []
     real = evaluate._side
@@ -92,8 +94,11 @@ def test_card_has_base_model_orders_and_eval(ablated):
     _, out = ablated
     record = json.loads((out / "ablation.json").read_text())
     record["base_model"] = "org/Base-Model"
-    evaluation = {"base": {"refusal_rate": 0.9, "n_harmful": 64},
-                  "ablated": {"refusal_rate": 0.05}, "kl": {"mean": 0.0312}}
+    evaluation = {
+        "base": {"refusal_rate": 0.9, "n_harmful": 64},
+        "ablated": {"refusal_rate": 0.05},
+        "kl": {"mean": 0.0312},
+    }
     card = str(hub.model_card(record, evaluation, "apache-2.0"))
     assert "base_model: org/Base-Model" in card and "license: apache-2.0" in card
     assert "abliterated" in card
@@ -114,7 +119,7 @@ def test_publish_dry_run_lists_exactly_the_files(ablated, monkeypatch):
 
 
 class RecordingApi:
-    calls: list = []
+    calls: typing.ClassVar[list] = []
 
     def __init__(self, **kwargs):
         RecordingApi.calls.append(("init", kwargs))

@@ -110,16 +110,17 @@ def test_link_hard_links_unedited_shards(tmp_path, model_dir, job):
 
 def test_resume_after_interrupt(tmp_path, model_dir, job, monkeypatch):
     orders = job(model_dir, components=ALL_COMPONENTS)
-    real_patch = rewrite._patch
+    real_write = rewrite._write_shard
     calls = []
 
-    def dying_patch(*args, **kwargs):
+    def dying_write(*args, **kwargs):
         calls.append(1)
-        if len(calls) == 3:
+        result = real_write(*args, **kwargs)
+        if len(calls) == 3:  # killed after writing, before fsync and rename
             raise KeyboardInterrupt
-        return real_patch(*args, **kwargs)
+        return result
 
-    monkeypatch.setattr(rewrite, "_patch", dying_patch)
+    monkeypatch.setattr(rewrite, "_write_shard", dying_write)
     res = run_cli("ablate", orders)
     assert res.exit_code != 0
     out = tmp_path / "out"
@@ -130,7 +131,7 @@ def test_resume_after_interrupt(tmp_path, model_dir, job, monkeypatch):
     done_inodes = {n: os.stat(out / n).st_ino for n in finals}
 
     assert run_cli("ablate", orders).exit_code == 2  # not empty: needs --resume
-    monkeypatch.setattr(rewrite, "_patch", real_patch)
+    monkeypatch.setattr(rewrite, "_write_shard", real_write)
     res = run_cli("ablate", orders, "--resume")
     assert res.exit_code == 0, res.output + res.stderr
     assert "already complete (resumed)" in res.output
@@ -143,7 +144,9 @@ def test_resume_after_interrupt(tmp_path, model_dir, job, monkeypatch):
 
 def test_resume_refuses_other_orders(tmp_path, model_dir, job, monkeypatch):
     orders = job(model_dir)
-    monkeypatch.setattr(rewrite, "_patch", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    monkeypatch.setattr(
+        rewrite, "_write_shard", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt)
+    )
     run_cli("ablate", orders)
     monkeypatch.undo()
     orders.write_text(orders.read_text().replace("measurement: 1", "measurement: 2"))
