@@ -207,6 +207,54 @@ def verify_cmd(
     click.echo("verify     ok")
 
 
+def _run_options(split: str) -> Callable[[Callable], Callable]:
+    """The options measure and evaluate share: prompts, batching, device, formatting."""
+
+    def apply(fn: Callable) -> Callable:
+        for opt in reversed(
+            [
+                click.option(
+                    "--harmful",
+                    help="Harmful prompts: a file (.txt .json .jsonl .csv "
+                    f".parquet) or a Hub dataset id (default: the built-in {split} set).",
+                ),
+                click.option(
+                    "--harmless", help=f"Harmless prompts (default: the built-in {split} set)."
+                ),
+                click.option(
+                    "--text-field",
+                    default="text",
+                    show_default=True,
+                    help="Field/column holding the prompt in json/jsonl/csv/parquet.",
+                ),
+                click.option(
+                    "--max-prompts", type=int, help="At most N prompts of each set (seeded)."
+                ),
+                click.option("--seed", type=int, default=0, show_default=True),
+                click.option(
+                    "--batch-size", type=click.IntRange(min=1), default=16, show_default=True
+                ),
+                click.option("--device", help="auto (default), cpu, cuda, cuda:1 ..."),
+                click.option(
+                    "--dtype",
+                    default="auto",
+                    show_default=True,
+                    type=click.Choice(["auto", "bfloat16", "float16", "float32"]),
+                ),
+                click.option("--system", help="A system message for every prompt."),
+                click.option(
+                    "--response-prefix",
+                    help="Appended after the generation prompt "
+                    "(e.g. a closed empty think block for thinking models).",
+                ),
+            ]
+        ):
+            fn = opt(fn)
+        return fn
+
+    return apply
+
+
 @main.command()
 @click.option("--model", required=True, help="Local checkpoint directory or Hub repo id.")
 @click.option(
@@ -216,35 +264,9 @@ def verify_cmd(
     type=click.Path(path_type=Path),
     help="The .refuse file to write.",
 )
-@click.option(
-    "--harmful",
-    help="Harmful prompts: a file (.txt .json .jsonl .csv .parquet) or a "
-    "Hub dataset id (default: the built-in set).",
-)
-@click.option("--harmless", help="Harmless prompts, as --harmful (default: the built-in set).")
-@click.option(
-    "--text-field",
-    default="text",
-    show_default=True,
-    help="Field/column holding the prompt in json/jsonl/csv/parquet files.",
-)
-@click.option("--max-prompts", type=int, help="Use at most N prompts of each set (seeded).")
-@click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--batch-size", type=int, default=16, show_default=True)
-@click.option("--device", help="auto (default), cpu, cuda, cuda:1 ...")
-@click.option(
-    "--dtype",
-    default="auto",
-    show_default=True,
-    type=click.Choice(["auto", "bfloat16", "float16", "float32"]),
-)
+@_run_options("measure")
 @click.option("--load-in-4bit", "quantize", flag_value="4bit", help="bitsandbytes 4-bit.")
 @click.option("--load-in-8bit", "quantize", flag_value="8bit", help="bitsandbytes 8-bit.")
-@click.option("--system", help="A system message for every prompt.")
-@click.option(
-    "--response-prefix",
-    help="Appended after the generation prompt (e.g. a closed empty think block).",
-)
 @click.option(
     "--position",
     type=click.Choice(POSITIONS),
@@ -272,8 +294,6 @@ def verify_cmd(
 def measure(**kwargs: Any) -> None:
     """Measure per-layer refusal directions and write a .refuse file."""
     opts = measure_mod.MeasureOptions(**kwargs)
-    if opts.batch_size < 1:
-        raise click.BadParameter("must be at least 1", param_hint="--batch-size")
     _, summary = measure_mod.run(opts)
     for line in summary.lines():
         click.echo(line)
@@ -351,7 +371,7 @@ def analyze(
             click.echo(line)
     signals = None
     if weights:
-        signals = report.weight_signal(meas, weights)
+        signals = report.weight_signal(meas, refuse_file, weights)
         for line in report.weight_table(signals):
             click.echo(line)
     if chart:
@@ -378,22 +398,8 @@ def analyze(
 @main.command()
 @click.option("--base", required=True, help="The original model (local dir or Hub id).")
 @click.option("--ablated", required=True, help="The abliterated model.")
-@click.option("--harmful", help="Harmful prompts (default: the built-in held-out set).")
-@click.option("--harmless", help="Harmless prompts (default: the built-in held-out set).")
-@click.option("--text-field", default="text", show_default=True)
-@click.option("--max-prompts", type=int, help="At most N prompts of each set (seeded).")
-@click.option("--seed", type=int, default=0, show_default=True)
+@_run_options("held-out")
 @click.option("--max-new-tokens", type=int, default=64, show_default=True)
-@click.option("--batch-size", type=int, default=16, show_default=True)
-@click.option("--device", help="auto (default), cpu, cuda ...")
-@click.option(
-    "--dtype",
-    default="auto",
-    show_default=True,
-    type=click.Choice(["auto", "bfloat16", "float16", "float32"]),
-)
-@click.option("--system", help="A system message for every prompt.")
-@click.option("--response-prefix", help="Appended after the generation prompt.")
 @click.option(
     "-o",
     "--output",

@@ -15,11 +15,10 @@ import yaml
 from tqdm import tqdm
 
 from ablation import analysis, orders
-from ablation.architecture import resolve
-from ablation.checkpoint import open_index, read_tensor
+from ablation.checkpoint import read_tensor
 from ablation.errors import AblationError
 from ablation.refuse import Measurements
-from ablation.rewrite import read_config
+from ablation.rewrite import open_model
 
 LOG = logging.getLogger(__name__)
 WRITER_ROLES = {"attn_out", "mlp_out", "expert_out", "shared_expert_out"}
@@ -133,15 +132,9 @@ def emit_orders(
 
 
 def weight_signal(
-    meas: Measurements, model_dir: Path, nulls: int = 16, seed: int = 0
+    meas: Measurements, meas_path: Path, model_dir: Path, nulls: int = 16, seed: int = 0
 ) -> list[analysis.WriterSignal]:
-    index = open_index(model_dir)
-    arch = resolve(read_config(model_dir), index)
-    if arch.hidden_size != meas.hidden_size:
-        raise AblationError(
-            f"{model_dir}: hidden size {arch.hidden_size} does not match the "
-            f"measurement's {meas.hidden_size}"
-        )
+    arch = open_model(model_dir, meas, meas_path)
     null = analysis.random_directions(nulls, arch.hidden_size, seed)
     plan = []
     for layer in sorted(meas.layers):

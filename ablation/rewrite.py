@@ -138,16 +138,22 @@ def read_config(model_dir: Path) -> dict:
         raise AblationError(f"{path}: not valid JSON ({exc})") from exc
 
 
+def open_model(model_dir: Path, meas: refuse.Measurements, meas_path: Path) -> Architecture:
+    """The checkpoint's headers bound to its family table, checked against a measurement."""
+    arch = resolve(read_config(model_dir), open_index(model_dir))
+    if meas.hidden_size != arch.hidden_size:
+        raise AblationError(
+            f"{meas_path}: hidden size {meas.hidden_size} does not match the model's "
+            f"{arch.hidden_size} ({model_dir})"
+        )
+    return arch
+
+
 def build_plan(orders: Orders, model_dir: Path, measurements_path: Path) -> Plan:
     """Everything is validated here, before a byte is written."""
     meas = refuse.load(measurements_path)
-    index = open_index(model_dir)
-    arch = resolve(read_config(model_dir), index)
-    if meas.hidden_size != arch.hidden_size:
-        raise AblationError(
-            f"{measurements_path}: hidden size {meas.hidden_size} does not match the model's "
-            f"{arch.hidden_size} ({model_dir})"
-        )
+    arch = open_model(model_dir, meas, measurements_path)
+    index = arch.index
     plan = Plan(
         model_dir,
         arch,
@@ -389,33 +395,53 @@ def execute(plan: Plan, out: Path, opts: Options) -> Summary:
     records: list[dict] = manifest.setdefault("records", [])
     start = time.perf_counter()
     written = 0
-    with tqdm(
-        total=sum(shard_bytes.values()),
-        unit="B",
-        unit_scale=True,
-        unit_divisor=1024,
-        desc="rewrite",
-        disable=None,
-    ) as bar:
+
+    def complete(partial: Path | None, final: Path, shard: str, new: list[dict]) -> None:
+        """fsync, rename, record: a shard gets its final name only once it is on disk, and the
+        manifest names it only after that. One worker runs these in order, so a shard's
+        flush overlaps the next shard's reading and writing."""
+        if partial is not None:
+            with open(partial, "rb+") as f:
+                os.fsync(f.fileno())
+            os.replace(partial, final)
+        records.extend(new)
+        done[shard] = shard_bytes[shard]
+        _write_json(out / MANIFEST, manifest)
+
+    with (
+        tqdm(
+            total=sum(shard_bytes.values()),
+            unit="B",
+            unit_scale=True,
+            unit_divisor=1024,
+            desc="rewrite",
+            disable=None,
+        ) as bar,
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="fsync") as finisher,
+    ):
+        finishing: list = []
         for shard in todo:
             src, final = plan.model_dir / shard, out / shard
             partial = final.with_name(final.name + PARTIAL)
             edits_ = plan.shards[shard]
+            new: list[dict] = []
             if not edits_ and opts.link and _try_link(src, final):
                 bar.update(shard_bytes[shard])
+                partial = None
             else:
                 if edits_:
                     bar.set_postfix_str(shard, refresh=False)
-                    records += _write_shard(plan, src, partial, edits_, opts, bar.update)
+                    new = _write_shard(plan, src, partial, edits_, opts, bar.update)
                     peak = max(peak, proc.memory_info().rss)
                 else:
                     copy_file(src, partial, bar.update)
-                with open(partial, "rb+") as f:
-                    os.fsync(f.fileno())
-                os.replace(partial, final)
                 written += shard_bytes[shard]
-            done[shard] = shard_bytes[shard]
-            _write_json(out / MANIFEST, manifest)
+            finishing.append(finisher.submit(complete, partial, final, shard, new))
+            for f in [f for f in finishing if f.done()]:
+                f.result()  # a failed fsync or rename stops the run here
+                finishing.remove(f)
+        for f in finishing:
+            f.result()
     for p in aux:
         dst = out / p.relative_to(plan.model_dir)
         if p.name == "README.md" and p.parent == plan.model_dir:
@@ -461,8 +487,9 @@ def _write_shard(
     plan: Plan, src: Path, partial: Path, edits_: list[Edit], opts: Options, progress
 ) -> list[dict]:
     """Write a shard touching each byte once: unedited ranges by kernel copy (in a worker),
-    edited tensors read ahead, edited on the device, and written behind by two I/O workers,
-    with at most IN_FLIGHT tensors' worth of bytes buffered besides the one being edited."""
+    edited tensors read ahead, edited on the device, and written behind by I/O workers. At
+    most `budget` bytes (twice the largest edited tensor) are held at once: read ahead, being
+    edited, or waiting to be written."""
     size = plan.index.shards[src.name].size
     budget = max(2 * max(e.target.info.nbytes for e in edits_), 64 << 20)
     records = []
@@ -474,31 +501,35 @@ def _write_shard(
             gaps = pool.submit(
                 lambda: [copy_range(fd_in, fd_out, o, n, progress) for o, n in _gaps(size, edits_)]
             )
-            reads: deque = deque()
-            writes: deque = deque()
-            todo = deque(edits_)
-            buffered = 0
+            todo: deque[Edit] = deque(edits_)
+            reads: deque = deque()  # (edit, future of the tensor read)
+            writes: deque = deque()  # (bytes, future of the write)
+            buffered = 0  # bytes read ahead, being edited, or waiting to be written
 
             def fill() -> None:
                 nonlocal buffered
-                while todo and (not reads or buffered + todo[0].target.info.nbytes <= budget):
+                while todo and (buffered == 0 or buffered + todo[0].target.info.nbytes <= budget):
                     e = todo.popleft()
                     buffered += e.target.info.nbytes
                     reads.append((e, pool.submit(read_tensor, fd_in, e.target.info)))
 
-            fill()
-            while reads:
-                e, future = reads.popleft()
-                w = future.result()
-                buffered -= e.target.info.nbytes
-                fill()
-                w, record = _edit(plan, e, w, opts)
-                records.append(record)
-                while writes and buffered + writes[0][0] > budget:
+            def retire(block: bool) -> None:
+                nonlocal buffered
+                while writes and (block or writes[0][1].done()):
                     nbytes, done = writes.popleft()
                     done.result()
                     buffered -= nbytes
-                buffered += e.target.info.nbytes
+                    block = False
+
+            fill()
+            while reads or todo:
+                if not reads:  # the budget is held by pending writes: wait for one
+                    retire(block=True)
+                    fill()
+                    continue
+                e, future = reads.popleft()
+                w, record = _edit(plan, e, future.result(), opts)
+                records.append(record)
                 writes.append(
                     (
                         e.target.info.nbytes,
@@ -506,9 +537,10 @@ def _write_shard(
                     )
                 )
                 del w
+                retire(block=False)
                 fill()
-            for _, done in writes:
-                done.result()
+            while writes:
+                retire(block=True)
             gaps.result()
     finally:
         os.close(fd_in)

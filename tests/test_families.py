@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import ALL_COMPONENTS, FAMILIES, build_model, run_cli, save_sharded
+from conftest import ALL_COMPONENTS, COMMON, FAMILIES, build_model, run_cli, save_sharded
 from safetensors.torch import load_file, save_file
 
 transformers = pytest.importorskip("transformers")
@@ -124,16 +124,7 @@ def test_bf16_checkpoint(checkpoint, job):
 
 
 def _gemma3_multimodal(root: Path, newer_prefix: bool) -> Path:
-    text = transformers.Gemma3TextConfig(
-        vocab_size=128,
-        hidden_size=32,
-        intermediate_size=48,
-        num_hidden_layers=3,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        head_dim=8,
-        max_position_embeddings=64,
-    )
+    text = transformers.Gemma3TextConfig(**COMMON)
     vision = transformers.SiglipVisionConfig(
         hidden_size=16,
         intermediate_size=32,
