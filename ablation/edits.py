@@ -60,19 +60,23 @@ def project_out_(
         x = view.to(spec.compute_dtype, copy=True)  # [n, hidden] (hd=1) or [hidden, n] (hd=0)
         # [n, hidden] @ [hidden] -> [n]  or  [hidden] @ [hidden, n] -> [n]
         coef = x @ d if hd == 1 else d @ x
-        if spec.norm_preserving:
-            sq = (x * x).sum(dim=hd)  # [n]; faster than x.square() here
-            new_sq = (sq - (2 * spec.scale - spec.scale**2) * coef.square()).clamp_min(0)
-            factor = torch.where(new_sq > TINY, (sq / new_sq.clamp_min(TINY)).sqrt(), 0.0)
+        sq = (x * x).sum(dim=hd)  # [n]; faster than x.square() or a strided vector_norm
+        new_sq = (sq - (2 * spec.scale - spec.scale**2) * coef.square()).clamp_min(0)
         if hd == 1:
             x.addr_(coef, d, alpha=-spec.scale)  # x -= s * coef ⊗ d
         else:
             x.addr_(d, coef, alpha=-spec.scale)  # x -= s * d ⊗ coef
         if spec.norm_preserving:
+            factor = torch.where(new_sq > TINY, (sq / new_sq.clamp_min(TINY)).sqrt(), 0.0)
             x.mul_(factor.unsqueeze(hd))
+            new_sq = sq
         view.copy_(x)
-        a, r = _residue(view, d, hd)
-        worst_abs, worst_rel = max(worst_abs, a), max(worst_rel, r)
+        # what is left along d in the stored values, relative to the (known) new norms
+        stored = view.to(spec.compute_dtype)
+        left = (stored @ d if hd == 1 else d @ stored).abs()  # -> [n]
+        if left.numel():
+            worst_abs = max(worst_abs, left.max().item())
+            worst_rel = max(worst_rel, (left / new_sq.sqrt().clamp_min(TINY)).max().item())
     return worst_abs, worst_rel
 
 

@@ -13,8 +13,9 @@ import json
 import logging
 import os
 import shutil
+import threading
 import time
-from collections import Counter, deque
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -378,6 +379,8 @@ def _write_json(path: Path, data: dict) -> None:
 
 def execute(plan: Plan, out: Path, opts: Options) -> Summary:
     manifest = _prepare_output(plan, out, opts)
+    if opts.device.type == "cpu":  # leave a core to the reader and writer threads
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
     LOG.info("device %s, compute in %s", opts.device, opts.compute_dtype)
     done: dict = manifest["complete"]
     todo = [s for s in plan.shards if s not in done]
@@ -471,86 +474,104 @@ def _try_link(src: Path, dst: Path) -> bool:
         return False
 
 
-def _gaps(size: int, edits_: list[Edit]) -> list[tuple[int, int]]:
-    """(offset, length) of every byte range no edit rewrites: header, unedited tensors."""
-    out, pos = [], 0
-    for e in edits_:  # sorted by offset, never overlapping (checked with the header)
-        if e.target.info.start > pos:
-            out.append((pos, e.target.info.start - pos))
-        pos = max(pos, e.target.info.end)
-    if size > pos:
-        out.append((pos, size - pos))
-    return out
+class _Budget:
+    """Bytes of edited tensors waiting to be written: the editor waits while it is full."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit, self.held = limit, 0
+        self.cv = threading.Condition()
+
+    def take(self, n: int) -> None:
+        with self.cv:
+            self.cv.wait_for(lambda: self.held == 0 or self.held + n <= self.limit)
+            self.held += n
+
+    def give(self, n: int) -> None:
+        with self.cv:
+            self.held -= n
+            self.cv.notify_all()
+
+
+class _Mark:
+    """How far the kernel copy of a shard has got; edits wait until it has passed them."""
+
+    def __init__(self) -> None:
+        self.pos, self.failed = 0, False
+        self.cv = threading.Condition()
+
+    def advance(self, pos: int) -> None:
+        with self.cv:
+            self.pos = pos
+            self.cv.notify_all()
+
+    def fail(self) -> None:
+        with self.cv:
+            self.failed = True
+            self.cv.notify_all()
+
+    def wait(self, pos: int) -> bool:
+        with self.cv:
+            self.cv.wait_for(lambda: self.failed or self.pos >= pos)
+            return not self.failed
+
+
+COPY_STEP = 256 << 20
 
 
 def _write_shard(
     plan: Plan, src: Path, partial: Path, edits_: list[Edit], opts: Options, progress
 ) -> list[dict]:
-    """Write a shard touching each byte once: unedited ranges by kernel copy (in a worker),
-    edited tensors read ahead, edited on the device, and written behind by I/O workers. At
-    most `budget` bytes (twice the largest edited tensor) are held at once: read ahead, being
-    edited, or waiting to be written."""
+    """A copy thread streams the whole shard into NAME.partial with kernel copies, in file
+    order, as cp does; this thread follows behind it, reading each edited tensor once the copy
+    has passed it (so from the page cache, not the disk), editing it on the device, and handing
+    it to a writer thread that overwrites its byte range, usually before the copied pages
+    reach the disk. At most twice the largest edited tensor waits to be written."""
     size = plan.index.shards[src.name].size
-    budget = max(2 * max(e.target.info.nbytes for e in edits_), 64 << 20)
+    budget = _Budget(2 * max(e.target.info.nbytes for e in edits_))
+    mark = _Mark()
     records = []
     fd_in = os.open(src, os.O_RDONLY)
     fd_out = os.open(partial, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+
+    def copier() -> None:
+        try:
+            for pos in range(0, size, COPY_STEP):
+                n = min(COPY_STEP, size - pos)
+                copy_range(fd_in, fd_out, pos, n, progress)
+                mark.advance(pos + n)
+        except BaseException:
+            mark.fail()
+            raise
+
     try:
-        os.ftruncate(fd_out, size)
-        with ThreadPoolExecutor(max_workers=3, thread_name_prefix="io") as pool:
-            gaps = pool.submit(
-                lambda: [copy_range(fd_in, fd_out, o, n, progress) for o, n in _gaps(size, edits_)]
-            )
-            todo: deque[Edit] = deque(edits_)
-            reads: deque = deque()  # (edit, future of the tensor read)
-            writes: deque = deque()  # (bytes, future of the write)
-            buffered = 0  # bytes read ahead, being edited, or waiting to be written
-
-            def fill() -> None:
-                nonlocal buffered
-                while todo and (buffered == 0 or buffered + todo[0].target.info.nbytes <= budget):
-                    e = todo.popleft()
-                    buffered += e.target.info.nbytes
-                    reads.append((e, pool.submit(read_tensor, fd_in, e.target.info)))
-
-            def retire(block: bool) -> None:
-                nonlocal buffered
-                while writes and (block or writes[0][1].done()):
-                    nbytes, done = writes.popleft()
-                    done.result()
-                    buffered -= nbytes
-                    block = False
-
-            fill()
-            while reads or todo:
-                if not reads:  # the budget is held by pending writes: wait for one
-                    retire(block=True)
-                    fill()
-                    continue
-                e, future = reads.popleft()
-                w, record = _edit(plan, e, future.result(), opts)
+        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="io") as pool:
+            copying = pool.submit(copier)
+            writes = []
+            for e in edits_:
+                if not mark.wait(e.target.info.end):
+                    copying.result()  # raises the copy's error
+                budget.take(e.target.info.nbytes)
+                w, record = _edit(plan, e, read_tensor(fd_in, e.target.info), opts)
                 records.append(record)
-                writes.append(
-                    (
-                        e.target.info.nbytes,
-                        pool.submit(_write_and_count, fd_out, e.target.info, w, progress),
-                    )
-                )
+                writes.append(pool.submit(_write_back, fd_out, e.target.info, w, budget))
                 del w
-                retire(block=False)
-                fill()
-            while writes:
-                retire(block=True)
-            gaps.result()
+                for f in [f for f in writes if f.done()]:
+                    f.result()
+                    writes.remove(f)
+            copying.result()
+            for f in writes:
+                f.result()
     finally:
         os.close(fd_in)
         os.close(fd_out)
     return records
 
 
-def _write_and_count(fd: int, info, w: torch.Tensor, progress) -> None:
-    write_tensor(fd, info, w)
-    progress(info.nbytes)
+def _write_back(fd: int, info, w: torch.Tensor, budget: _Budget) -> None:
+    try:
+        write_tensor(fd, info, w)
+    finally:
+        budget.give(info.nbytes)
 
 
 def _edit(plan: Plan, e: Edit, w: torch.Tensor, opts: Options) -> tuple[torch.Tensor, dict]:
