@@ -55,7 +55,7 @@ def project_out_(
     if not w.is_contiguous():
         raise ValueError("project_out_ needs a contiguous tensor")
     d = d.to(device=w.device, dtype=spec.compute_dtype)
-    worst_abs = worst_rel = 0.0
+    worst = torch.zeros(2, dtype=spec.compute_dtype, device=w.device)  # no device sync per chunk
     for view, hd in _chunks(w, axis):
         x = view.to(spec.compute_dtype, copy=True)  # [n, hidden] (hd=1) or [hidden, n] (hd=0)
         # [n, hidden] @ [hidden] -> [n]  or  [hidden] @ [hidden, n] -> [n]
@@ -75,8 +75,11 @@ def project_out_(
         stored = view.to(spec.compute_dtype)
         left = (stored @ d if hd == 1 else d @ stored).abs()  # -> [n]
         if left.numel():
-            worst_abs = max(worst_abs, left.max().item())
-            worst_rel = max(worst_rel, (left / new_sq.sqrt().clamp_min(TINY)).max().item())
+            # a vector (nearly) parallel to d has (almost) nothing left: no relative residue
+            floor = (1e-3 * sq.sqrt()).clamp_min(TINY)
+            rel = left / torch.maximum(new_sq.sqrt(), floor)
+            worst = torch.maximum(worst, torch.stack([left.max(), rel.max()]))
+    worst_abs, worst_rel = worst.tolist()
     return worst_abs, worst_rel
 
 

@@ -1,9 +1,11 @@
 """Plan (which tensor of which shard gets which edit) and the streaming executor.
 
-Execution copies each shard with a kernel copy, then overwrites only the byte ranges of the
-edited tensors, one tensor at a time: memory is bounded by the largest edited tensor plus one
-compute chunk, whatever the shard or model size. Shards are written as NAME.partial, fsynced and
-renamed; a progress manifest lets --resume skip shards already complete.
+Execution streams each shard into NAME.partial with kernel copies, in file order, while the
+edited tensors are read behind the copy (from the page cache), edited on the device and written
+back over their byte ranges: memory is bounded by a few times the largest edited tensor plus one
+compute chunk, whatever the shard or model size. A shard is fsynced and renamed in a background
+worker while the next one streams; a progress manifest lets --resume skip shards already
+complete.
 """
 
 from __future__ import annotations
