@@ -39,7 +39,7 @@ from ablation.checkpoint import (
 from ablation.errors import AblationError
 from ablation.hub import base_license, model_card
 from ablation.orders import LayerOrder, Orders
-from ablation.system import peak_rss
+from ablation.system import peak_rss, pin_mmap_threshold
 
 LOG = logging.getLogger(__name__)
 
@@ -381,7 +381,8 @@ def _write_json(path: Path, data: dict) -> None:
 
 def execute(plan: Plan, out: Path, opts: Options) -> Summary:
     manifest = _prepare_output(plan, out, opts)
-    if opts.device.type == "cpu":  # leave a core to the reader and writer threads
+    pin_mmap_threshold()
+    if opts.device.type == "cpu":  # leave a core to the copy and writer threads
         torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
     LOG.info("device %s, compute in %s", opts.device, opts.compute_dtype)
     done: dict = manifest["complete"]

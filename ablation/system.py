@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import resource
 from pathlib import Path
 
@@ -16,3 +17,18 @@ def peak_rss() -> int:
     except OSError:
         pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+M_MMAP_THRESHOLD = -3  # glibc mallopt parameter
+
+
+def pin_mmap_threshold(nbytes: int = 1 << 20) -> bool:
+    """Serve every allocation above `nbytes` with its own mmap, returned to the system when
+    freed. glibc otherwise raises its mmap threshold after each large free, so tensor buffers of
+    a few MB move into the heap, where freed memory stays resident and the peak creeps up with
+    the number of tensors processed (seen: +6-10% from 2 to 8.6 GB). No-op off glibc."""
+    try:
+        libc = ctypes.CDLL(None)
+        return bool(libc.mallopt(M_MMAP_THRESHOLD, nbytes))
+    except (OSError, AttributeError):
+        return False
