@@ -54,6 +54,13 @@ def load_model(
     return model, tokenizer
 
 
+def pad_id(tokenizer) -> int:
+    """The id used for left padding: the pad token, else EOS (masked out either way)."""
+    if tokenizer.pad_token_id is not None:
+        return tokenizer.pad_token_id
+    return tokenizer.eos_token_id or 0
+
+
 def _adds_bos(tokenizer) -> bool:
     bos = tokenizer.bos_token_id
     return bos is not None and tokenizer("a").input_ids[:1] == [bos]

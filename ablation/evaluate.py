@@ -84,7 +84,7 @@ def _side(
 ) -> tuple[dict, torch.Tensor]:
     """Everything measured on one model: (numbers and responses, harmless next-token logits)."""
     model, tok = activations.load_model(str(model_path), opts.dtype, opts.device)
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id or 0
+    pad = activations.pad_id(tok)
     h_ids, _ = activations.encode(tok, harmful, opts.system, opts.response_prefix)
     l_ids, _ = activations.encode(tok, harmless, opts.system, opts.response_prefix)
     n = len(h_ids) + len(l_ids) * (2 if probes else 1) + (len(h_ids) if probes else 0)

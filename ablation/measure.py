@@ -91,7 +91,7 @@ def run(opts: MeasureOptions) -> tuple[refuse.Measurements, MeasureSummary]:
     harmless_ids, _ = activations.encode(
         tok, harmless, opts.system, opts.response_prefix, opts.require_template
     )
-    pad = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id or 0
+    pad = activations.pad_id(tok)
     num_experts = next(
         (
             getattr(text_cfg, k)
