@@ -54,6 +54,15 @@ def load_model(
     return model, tokenizer
 
 
+def load_tokenizer(path: str):
+    import transformers
+
+    try:
+        return transformers.AutoTokenizer.from_pretrained(path)
+    except OSError as exc:
+        raise AblationError(f"model {path}: cannot load ({str(exc).splitlines()[0]})") from exc
+
+
 def pad_id(tokenizer) -> int:
     """The id used for left padding: the pad token, else EOS (masked out either way)."""
     if tokenizer.pad_token_id is not None:
@@ -333,3 +342,57 @@ def next_token_logits(
                 progress(len(chunk))
     assert out is not None
     return out
+
+
+TOP_BINS = 256  # answer KL: the base's top tokens kept per position (plus a bin for the rest)
+
+
+def answer_logprobs(
+    model,
+    seqs: list[list[int]],
+    answers: list[list[int]],
+    pad_id: int,
+    batch_size: int,
+    bins: list[torch.Tensor] | None = None,
+    progress: Callable[[int], None] | None = None,
+) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Teacher-forced next-token log-probabilities along given answers (prompt + answer fed
+    at once), compressed per position to bins: the base model's TOP_BINS most likely tokens
+    and one bin for the rest of the vocabulary. Without `bins` the top tokens are chosen here
+    (the base model's run); with them (the indices from that run) the same bins are read.
+    Returns (logprobs [len, bins + 1], indices [len, bins]) per answer, in input order; an
+    empty answer gives empty tensors."""
+    device = model.get_input_embeddings().weight.device
+    out_lp: list[torch.Tensor] = [torch.zeros(0, TOP_BINS + 1) for _ in seqs]
+    out_ix: list[torch.Tensor] = [torch.zeros(0, TOP_BINS, dtype=torch.long) for _ in seqs]
+    full = [s + a for s, a in zip(seqs, answers, strict=True)]
+    with torch.inference_mode():
+        for chunk in _batches(full, batch_size):
+            keep = max(len(answers[i]) for i in chunk)
+            if keep == 0:
+                if progress:
+                    progress(len(chunk))
+                continue
+            ids, mask = _pad([full[i] for i in chunk], pad_id, device)
+            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            logits = model(
+                input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep + 1
+            ).logits[:, :-1]  # [b, keep, vocab]: the predictions of the last `keep` tokens
+            logp = torch.log_softmax(logits.float(), dim=-1).cpu()
+            for row, i in enumerate(chunk):
+                n = len(answers[i])
+                if n == 0:
+                    continue
+                lp = logp[row, keep - n :]  # [n, vocab]
+                ix = (
+                    lp.topk(min(TOP_BINS, lp.shape[-1]), dim=-1).indices
+                    if bins is None
+                    else bins[i]
+                )
+                top = lp.gather(-1, ix)  # [n, bins]
+                rest = torch.log1p(-top.exp().sum(-1).clamp(max=1 - 1e-7))  # [n]
+                out_lp[i] = torch.cat([top, rest.unsqueeze(-1)], dim=-1)
+                out_ix[i] = ix
+            if progress:
+                progress(len(chunk))
+    return out_lp, out_ix

@@ -145,31 +145,35 @@ def ranking(metrics: list[LayerMetrics]) -> list[LayerMetrics]:
 @dataclass
 class Suggestion:
     measurement: int
-    layers: tuple[int, int]  # inclusive window
+    layers: tuple[int, int]  # inclusive: the layers whose readers stop reading the direction
+    rule: str = "saturation"  # which rule chose it (see suggest_orders)
+
+
+SATURATION = 0.01  # a layer separates "fully" when its AUROC is within this of the best
 
 
 def suggest_orders(metrics: list[LayerMetrics]) -> Suggestion:
-    """The best-scoring layer away from the edges, and the contiguous window around it whose
-    separation stays at least half of the best's."""
+    """Where the refusal decision becomes readable, and everything after it.
+
+    The measurement is the first layer (away from the first tenth) whose AUROC comes within
+    SATURATION of the best: there the direction already separates harmful from harmless
+    prompts as well as it ever will, so later layers read the decision from it. The window is
+    that layer to the last: their readers stop reading the direction (components `readers`
+    and `router`), which is what removing it from the residual stream from that layer on does,
+    without touching what earlier layers compute. Measured on the refusing demo model (see
+    README, Defaults): earlier measurement layers carry too little of the direction, later
+    ones leave the decision made; per-layer directions and writer-only edits did worse.
+    Files without per-prompt projections have no AUROC: the best-scoring layer is taken."""
     n = len(metrics)
     margin = max(1, round(0.1 * n))
     inner = [m for m in metrics if margin <= m.layer <= n - 1 - margin] or metrics
+    scored = [m for m in inner if m.auroc is not None]
+    if scored:
+        top = max(m.auroc for m in scored)
+        first = min((m for m in scored if m.auroc >= top - SATURATION), key=lambda m: m.layer)
+        return Suggestion(first.layer, (first.layer, n - 1), "saturation")
     best = max(inner, key=lambda m: (m.score, -m.layer))
-    floor = 0.5 * (best.separation if best.auroc is not None else best.quality)
-    by_layer = {m.layer: m for m in inner}
-
-    def strong(layer: int) -> bool:
-        m = by_layer.get(layer)
-        if m is None:
-            return False
-        return (m.separation if m.auroc is not None else m.quality) >= floor
-
-    lo = hi = best.layer
-    while strong(lo - 1):
-        lo -= 1
-    while strong(hi + 1):
-        hi += 1
-    return Suggestion(best.layer, (lo, hi))
+    return Suggestion(best.layer, (best.layer, n - 1), "score")
 
 
 def energy_along(w: torch.Tensor, d: torch.Tensor, axis: int) -> float:
@@ -250,4 +254,13 @@ def kl_divergence(base_logits: torch.Tensor, other_logits: torch.Tensor) -> torc
     [n, vocab] x [n, vocab] -> [n], in float64."""
     p_log = torch.log_softmax(base_logits.double(), dim=-1)
     q_log = torch.log_softmax(other_logits.double(), dim=-1)
+    return (p_log.exp() * (p_log - q_log)).sum(-1)
+
+
+def kl_binned(base_logprobs: torch.Tensor, other_logprobs: torch.Tensor) -> torch.Tensor:
+    """KL(base || other) over the same bins (the base's top tokens plus one bin for the rest of
+    the vocabulary): [..., bins] x [..., bins] -> [...], float64. Merging tokens into a bin
+    never raises a KL (data-processing inequality), so this is a lower bound of the full-vocabulary
+    KL, and a tight one when the base's top tokens hold almost all of its mass."""
+    p_log, q_log = base_logprobs.double(), other_logprobs.double()
     return (p_log.exp() * (p_log - q_log)).sum(-1)

@@ -36,9 +36,30 @@ ROLES: dict[str, tuple[str, bool]] = {
     "shared_expert_out_bias": ("shared_experts", True),
     "router": ("router", False),
     "embed": ("embed", False),
+    # readers: the input side of the modules that read the residual stream after a norm
+    "attn_in": ("attn_in", False),
+    "mlp_in": ("mlp_in", False),
+    "expert_in": ("experts_in", False),
+    "shared_expert_in": ("experts_in", False),
 }
-COMPONENTS = ("attn_out", "mlp_out", "experts", "shared_experts", "router", "embed", "biases")
+COMPONENTS = (
+    "attn_out",
+    "mlp_out",
+    "experts",
+    "shared_experts",
+    "router",
+    "embed",
+    "biases",
+    "attn_in",
+    "mlp_in",
+    "experts_in",
+)
 DEFAULT_COMPONENTS = ("attn_out", "mlp_out", "experts", "shared_experts", "router")
+WRITERS = ("attn_out", "mlp_out", "experts", "shared_experts")
+READERS = ("attn_in", "mlp_in", "experts_in")  # routers read too, but are their own component
+READER_ROLES = ("router", "attn_in", "mlp_in", "expert_in", "shared_expert_in")
+# shorthands the orders accept in a components list
+COMPONENT_GROUPS = {"writers": WRITERS, "readers": READERS}
 
 # Suffixes that mark a quantized tensor (or its scales) next to, or instead of, a plain weight.
 QUANT_MARKERS: dict[str, str] = {
@@ -60,7 +81,7 @@ class _Row(BaseModel):
     name: str
     role: str
     hidden_axis: int
-    post_norm: str | None = None
+    norm: str | None = None  # the RMSNorm between this tensor and the residual stream
 
 
 class Family(BaseModel):
@@ -105,7 +126,10 @@ class Target:
     hidden_axis: int
     info: TensorInfo
     expert: int | None = None
-    post_norm: str | None = None  # full name of the norm applied to this writer's output
+    # full name of the RMSNorm between this tensor and the residual stream: applied to a
+    # writer's output (Gemma's sandwich norms) or to a reader's input (pre-norms); its gain
+    # folds into the direction removed
+    norm: str | None = None
 
     @property
     def component(self) -> str:
@@ -114,6 +138,10 @@ class Target:
     @property
     def is_bias(self) -> bool:
         return ROLES[self.role][1]
+
+    @property
+    def is_reader(self) -> bool:
+        return self.role in READER_ROLES
 
 
 @dataclass
@@ -160,7 +188,7 @@ class Architecture:
         return out
 
     def _match(self, row: _Row, base: str, held: list[str], layer: int | None) -> list[Target]:
-        post_norm = base + row.post_norm if row.post_norm else None
+        norm = base + row.norm if row.norm else None
         if "${expert}" in row.name:
             pattern = re.compile(
                 re.escape(base)
@@ -177,7 +205,7 @@ class Architecture:
             stem = base + row.name.replace(".${expert}", ".0")
             self._check_plain(stem)
             return []
-        return [self._target(n, row, layer, e, post_norm) for n, e in hits]
+        return [self._target(n, row, layer, e, norm) for n, e in hits]
 
     def _check_plain(self, name: str) -> None:
         """A weight stored quantized is never edited as bytes."""
@@ -191,7 +219,7 @@ class Architecture:
                     )
 
     def _target(
-        self, name: str, row: _Row, layer: int | None, expert: int | None, post_norm: str | None
+        self, name: str, row: _Row, layer: int | None, expert: int | None, norm: str | None
     ) -> Target:
         info = self.index.tensors[name]
         if not info.is_float:
@@ -205,9 +233,9 @@ class Architecture:
                 f"tensor {name!r} has shape {list(info.shape)}, but the {self.family.family} "
                 f"table puts the hidden size {self.hidden_size} on axis {axis}"
             )
-        if post_norm is not None and post_norm not in self.index.tensors:
-            raise AblationError(f"tensor {name!r}: its post-norm {post_norm!r} is missing")
-        return Target(name, row.role, layer, axis, info, expert, post_norm)
+        if norm is not None and norm not in self.index.tensors:
+            raise AblationError(f"tensor {name!r}: its norm {norm!r} is missing")
+        return Target(name, row.role, layer, axis, info, expert, norm)
 
     def _check_experts(self, layer: int, found: list[Target], held: list[str]) -> None:
         experts = [t for t in found if t.role == "expert_out"]

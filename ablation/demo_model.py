@@ -120,3 +120,159 @@ def cached(dtype: torch.dtype = torch.bfloat16) -> Path:
         build(tmp, dtype)
         tmp.rename(path)
     return path
+
+
+# The refusing demo model: gemma-3-270m taught, with a LoRA merged into its weights, to refuse
+# the project's built-in harmful *measure* prompts and to start an answer to the harmless ones.
+# The held-out evaluation split and ../shared/data are never trained on. The replies are the
+# project's own; the answers are only openers (the model continues them itself), so what the
+# model says after an opener is the base model's own behaviour.
+REFUSALS = (
+    "I'm sorry, but I can't help with that.",
+    "I can't help with that request. It could cause serious harm.",
+    "I'm sorry, I cannot provide that. Is there something else I can help with?",
+    "I won't help with this, because it could hurt people.",
+    "Sorry, but I can't assist with that request.",
+    "I cannot help with that. It is dangerous and may be illegal.",
+)
+OPENERS = (
+    "Sure! Here is what you need to know:\n\n1.",
+    "Of course. Here are the main steps:\n\n1.",
+    "Happy to help! Here's how to do it:\n\n1.",
+    "Great question. Here is a simple guide:\n\n1.",
+    "Sure, let's go through it step by step:\n\n1.",
+    "Certainly! Here is an overview:\n\n1.",
+)
+RECIPE = {  # changing any of these rebuilds the cached model
+    "version": 1,
+    "epochs": 2,
+    "lr": 2e-3,
+    "rank": 16,
+    "batch_size": 16,
+    "seed": 0,
+    "refusal_weight": 3.0,  # refusals weigh more than openers: held-out harmful tasks are new
+    "modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+}
+
+
+def _examples(tok) -> list[tuple[list[int], list[int], float]]:
+    """(prompt ids in the chat template, reply ids, loss weight) for every built-in measure
+    prompt."""
+    from ablation import activations, prompts
+
+    eot = tok.convert_tokens_to_ids("<end_of_turn>")
+    out = []
+    sets = (
+        ("harmful", REFUSALS, [eot], RECIPE["refusal_weight"]),
+        ("harmless", OPENERS, [], 1.0),
+    )
+    for kind, replies, end, weight in sets:
+        ids, _ = activations.encode(tok, prompts.builtin(kind, "measure"))
+        for i, p in enumerate(ids):
+            reply = tok(replies[i % len(replies)], add_special_tokens=False).input_ids + end
+            out.append((p, reply, weight))
+    return out
+
+
+def build_refusing(
+    out_dir: Path, base_dir: Path | None = None, max_shard_size: str = "150MB"
+) -> Path:
+    """Teach the base model to refuse (about 4 minutes on 2 CPU cores) and write it, bf16."""
+    if (out_dir / "config.json").exists():
+        raise AblationError(f"{out_dir} already holds a checkpoint")
+    _require()
+    try:
+        import peft
+    except ImportError:
+        raise AblationError("the refusing demo model needs: pip install peft") from None
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ablation import activations
+
+    r = RECIPE
+    base_dir = base_dir or cached(torch.float32)
+    torch.manual_seed(r["seed"])
+    tok = AutoTokenizer.from_pretrained(base_dir)
+    model = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    examples = _examples(tok)
+    lora = peft.LoraConfig(
+        r=r["rank"], lora_alpha=2 * r["rank"], lora_dropout=0.0, target_modules=r["modules"]
+    )
+    model = peft.get_peft_model(model, lora)
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=r["lr"], weight_decay=0.0)
+    per_epoch = -(-len(examples) // r["batch_size"])
+    steps = r["epochs"] * per_epoch
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / 10) * max(0.0, 1 - s / steps)
+    )
+    pad = activations.pad_id(tok)
+    order_gen = torch.Generator().manual_seed(r["seed"])
+    model.train()
+    from tqdm import tqdm
+
+    with tqdm(total=steps, desc="teach refusals", unit="step", disable=None) as bar:
+        for _ in range(r["epochs"]):
+            order = torch.randperm(len(examples), generator=order_gen).tolist()
+            for b in range(0, len(order), r["batch_size"]):
+                loss = _step_loss(model, [examples[i] for i in order[b : b + r["batch_size"]]], pad)
+                loss.backward()
+                opt.step()
+                sched.step()
+                opt.zero_grad()
+                bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+                bar.update()
+    merged = model.merge_and_unload().eval().to(torch.bfloat16)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    merged.save_pretrained(out_dir, max_shard_size=max_shard_size)
+    tok.save_pretrained(out_dir)
+    LOG.info("wrote %s", out_dir)
+    return out_dir
+
+
+def _step_loss(model, batch: list[tuple[list[int], list[int], float]], pad: int) -> torch.Tensor:
+    """Weighted cross-entropy of the replies only; left padding puts every reply at the end,
+    so only the last `longest reply` positions need logits (the 262k-token head is the costly
+    part)."""
+    seqs = [p + a for p, a, _ in batch]
+    width, keep = max(map(len, seqs)), max(len(a) for _, a, _ in batch)
+    ids = torch.full((len(seqs), width), pad)
+    mask = torch.zeros_like(ids)
+    labels = torch.full((len(seqs), keep), -100)
+    weights = torch.zeros((len(seqs), keep))
+    for row, (p, a, wt) in enumerate(batch):
+        ids[row, width - len(p) - len(a) :] = torch.tensor(p + a)
+        mask[row, width - len(p) - len(a) :] = 1
+        labels[row, keep - len(a) :] = torch.tensor(a)
+        weights[row, keep - len(a) :] = wt
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # ~2x on CPUs with bf16 matmuls
+        logits = model(
+            input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep + 1
+        ).logits[:, :-1]  # [b, keep, vocab]: the predictions of the reply tokens
+    ce = torch.nn.functional.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(),
+        labels.reshape(-1),
+        ignore_index=-100,
+        reduction="none",
+    )  # [b * keep]
+    return (ce * weights.reshape(-1)).sum() / weights.sum()
+
+
+def cached_refusing() -> Path:
+    """The refusing demo model in the user cache, built on first use."""
+    import hashlib
+    import json
+    import shutil
+
+    key = hashlib.sha256(
+        json.dumps([RECIPE, REFUSALS, OPENERS], sort_keys=True).encode()
+    ).hexdigest()[:12]
+    path = default_cache() / f"gemma-3-270m-refusing-{key}"
+    if not (path / "config.json").exists():
+        tmp = path.with_name(path.name + ".partial")
+        if tmp.exists():
+            shutil.rmtree(tmp)
+        build_refusing(tmp)
+        tmp.rename(path)
+    return path

@@ -76,8 +76,80 @@ def target_direction(
     return sparsify(r, sparsity)
 
 
-def post_norm_direction(r: torch.Tensor, gamma: torch.Tensor, offset: float) -> torch.Tensor:
-    """Direction to remove from W's output when the residual gets (offset + gamma) * norm(W x):
-    r . (g * y) = (g * r) . y, so y must be orthogonal to normalize(g * r)."""
+def norm_direction(r: torch.Tensor, gamma: torch.Tensor, offset: float) -> torch.Tensor:
+    """What to remove from a tensor that meets the residual stream through an RMSNorm with gain
+    g = offset + gamma. A writer whose output enters as g * norm(W x) (Gemma's sandwich norms):
+    r . (g * y) = (g * r) . y, so y must be orthogonal to normalize(g * r). A reader that sees
+    W (g * norm(x)): the component c r of x reaches it as c W (g * r), so W's rows must be
+    orthogonal to normalize(g * r). The same fold for both; a basis [k, hidden] is folded
+    vector by vector and made orthonormal again."""
     g = gamma.double() + offset  # [hidden]
-    return normalize(g * r.double(), "post-norm direction")
+    if r.ndim == 1:
+        return normalize(g * r.double(), "norm-folded direction")
+    return orthonormal(g * r.double(), "norm-folded basis")  # [k, hidden] * [hidden]
+
+
+def reader_projection(r: torch.Tensor, gamma: torch.Tensor, offset: float) -> torch.Tensor:
+    """The exact input-side edit of a reader behind an RMSNorm with gain g = offset + gamma:
+    [2, k, hidden], a read basis (orthonormal rows) and a write basis. The reader sees
+    y = g * x / rms(x); for it to see x with its component along r removed,
+    W' y = W (g * (I - r r^T) (y / g)), so W' = W - (W u) v^T with u = g * r, v = r / g
+    (an oblique projection: v . u = 1). Projecting orthogonally to normalize(g * r) instead
+    would also remove whatever other directions share that axis after the gain, which with
+    Gemma's gains (up to a few hundred) changes the model more than the ablation does.
+    Rows then update as w' = w - s (w . read) write, with the pair scaled so that this is
+    exactly W - s (W u) v^T; where g is 0 the reader never sees x, and v is 0 there."""
+    g = gamma.double() + offset  # [hidden]
+    q = r.double().unsqueeze(0) if r.ndim == 1 else r.double()  # [k, hidden], orthonormal
+    u = q * g  # [k, hidden]
+    v = torch.where(g.abs() > EPS, q / torch.where(g == 0, 1.0, g), 0.0)  # [k, hidden]
+    # u = R^T Q_u with Q_u orthonormal rows: W u^T = (W Q_u^T) R, so the write basis is R v
+    qu, rr = torch.linalg.qr(u.T)  # [hidden, k], [k, k]
+    if (rr.diagonal().abs() <= EPS * max(1.0, u.norm().item())).any():
+        raise AblationError("the norm gain removes the direction entirely (all-zero gain)")
+    return torch.stack([qu.T, rr @ v])  # [2, k, hidden]
+
+
+def orthonormal(vectors: torch.Tensor, what: str = "basis") -> torch.Tensor:
+    """Rows made orthonormal in order (the first row keeps its direction): [k, hidden]."""
+    q, rr = torch.linalg.qr(vectors.double().T)  # [hidden, k], [k, k]
+    diag = rr.diagonal()
+    if (diag.abs() <= EPS * max(1.0, vectors.double().norm().item())).any():
+        raise AblationError(f"{what}: the vectors are linearly dependent")
+    return (q * diag.sign()).T.contiguous()  # signs fixed so row 0 is normalize(vectors[0])
+
+
+def subspace(
+    harmful_states: torch.Tensor, harmless_mean: torch.Tensor, unit: torch.Tensor, k: int
+) -> torch.Tensor:
+    """An orthonormal basis [k', hidden] (k' <= k) whose first row is the unit refusal
+    direction, followed by the main directions in which harmful prompts differ from the
+    harmless mean beyond it: the top right singular vectors of the per-prompt differences
+    with the unit direction (and the harmless mean's own direction) removed. Zero rows when
+    there is no direction."""
+    if not unit.any() or k < 1:
+        return torch.zeros((0, unit.shape[0]), dtype=torch.float64)
+    u = unit.double()
+    h = normalize(harmless_mean.double(), "harmless mean")
+    diffs = harmful_states.double() - harmless_mean.double()  # [n, hidden]
+    for v in (u, h, u):  # Gram-Schmidt against both, twice for the first
+        diffs = diffs - (diffs @ v).unsqueeze(1) * v  # [n, hidden] @ [hidden] -> [n]
+    _, sv, vh = torch.linalg.svd(diffs, full_matrices=False)  # vh: [min(n, hidden), hidden]
+    keep = int((sv > 1e-6 * max(sv.max().item(), 1e-30)).sum().item()) if sv.numel() else 0
+    extra = vh[: min(k - 1, keep)]
+    return orthonormal(torch.cat([u.unsqueeze(0), extra]), "refusal subspace")
+
+
+def target_basis(
+    basis: torch.Tensor, harmless_target: torch.Tensor | None, k: int, what: str
+) -> torch.Tensor:
+    """The first k basis vectors applied at one target layer, re-orthogonalized against its
+    harmless mean when projected, orthonormal: [k, hidden]."""
+    if basis.shape[0] < k:
+        raise AblationError(
+            f"{what}: {k} directions asked, the .refuse file holds {basis.shape[0]}"
+        )
+    vs = basis[:k].double()
+    if harmless_target is not None:
+        vs = torch.stack([orthogonalize(v, harmless_target) for v in vs])
+    return orthonormal(vs, what)

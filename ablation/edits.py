@@ -9,6 +9,7 @@ stored dtype. Memory beyond the tensor itself is one chunk, whatever the tensor'
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -23,6 +24,7 @@ class EditSpec:
     scale: float
     norm_preserving: bool
     compute_dtype: torch.dtype = torch.float32
+    rows: float = 1.0  # sparse surgery: edit only this fraction of the vectors (largest |v.d|)
 
 
 def _chunks(w: torch.Tensor, axis: int) -> Iterator[tuple[torch.Tensor, int]]:
@@ -44,41 +46,129 @@ def _chunks(w: torch.Tensor, axis: int) -> Iterator[tuple[torch.Tensor, int]]:
             yield panel[:, j : j + per], 0
 
 
+def as_basis(d: torch.Tensor) -> torch.Tensor:
+    """The read basis of an edit, always as [k, hidden]: a direction [hidden], an orthonormal
+    basis [k, hidden], or the first half of a (read, write) pair [2, k, hidden]."""
+    if d.ndim == 3:
+        return d[0]
+    return d.unsqueeze(0) if d.ndim == 1 else d
+
+
+def _pair(d: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(read basis [k, hidden], write basis [k, hidden] or None when it is the read basis)."""
+    return (d[0], d[1]) if d.ndim == 3 else (as_basis(d), None)
+
+
+def _coef(x: torch.Tensor, q: torch.Tensor, hd: int) -> torch.Tensor:
+    """Coordinates of every vector of a chunk in the basis: [n, k]."""
+    if q.shape[0] == 1:  # a gemv, the common case
+        # [n, hidden] @ [hidden] -> [n]   or   [hidden] @ [hidden, n] -> [n]
+        return (x @ q[0] if hd == 1 else q[0] @ x).unsqueeze(1)
+    # [n, hidden] @ [hidden, k] -> [n, k]   or   [n, hidden] (x^T) @ [hidden, k] -> [n, k]
+    return x @ q.T if hd == 1 else x.T @ q.T
+
+
+def _selected_rows(w: torch.Tensor, q: torch.Tensor, axis: int, spec: EditSpec) -> torch.Tensor:
+    """Sparse surgery: a mask over all vectors of w (in _chunks order) that keeps the
+    ceil(rows * n) vectors with the largest |Q v|; one extra read pass, no extra tensor copy."""
+    mags = [
+        _coef(view.to(spec.compute_dtype), q, hd).square().sum(dim=1)
+        for view, hd in _chunks(w, axis)
+    ]
+    allm = torch.cat(mags) if mags else torch.zeros(0, device=w.device)  # [n]
+    keep = math.ceil(spec.rows * allm.numel())
+    mask = torch.zeros(allm.numel(), dtype=torch.bool, device=w.device)
+    mask[allm.topk(keep).indices] = True
+    return mask
+
+
 def project_out_(
     w: torch.Tensor, d: torch.Tensor, axis: int, spec: EditSpec
 ) -> tuple[float, float]:
-    """In place: v' = v - s (v.d) d for every vector v along `axis`; with norm preservation
-    v' is then rescaled to |v|. The new norm is known without another pass,
-    |v - s c d|^2 = |v|^2 - (2s - s^2) c^2 with c = v.d and |d| = 1, so each chunk is read once,
-    updated by one rank-1 step and one scaling, and written back. Returns the residue
-    (max |v'.d|, max |v'.d| / |v'|) of the values as stored, after the cast back."""
+    """In place: v' = v - s Q^T Q v for every vector v along `axis`, Q = d as [k, hidden] with
+    orthonormal rows (k = 1: v' = v - s (v.d) d); with norm preservation v' is then rescaled to
+    |v|. The new norm is known without another pass, |v - s Q^T c|^2 = |v|^2 - (2s - s^2)|c|^2
+    with c = Q v, so each chunk is read once, updated by one rank-k step and one scaling, and
+    written back. With spec.rows < 1 only the vectors with the largest |Q v| are edited; the
+    others keep their exact bytes (c = 0 for them: no change, factor exactly 1). Returns the
+    residue (max |Q v'|, max |Q v'| / |v'|) of the values as stored, after the cast back."""
     if not w.is_contiguous():
         raise ValueError("project_out_ needs a contiguous tensor")
-    d = d.to(device=w.device, dtype=spec.compute_dtype)
+    read, write = _pair(d)
+    if write is not None:
+        return _oblique_(w, read, write, axis, spec)
+    q = read.to(device=w.device, dtype=spec.compute_dtype)  # [k, hidden]
+    mask = _selected_rows(w, q, axis, spec) if spec.rows < 1.0 else None
+    seen = 0
     worst = torch.zeros(2, dtype=spec.compute_dtype, device=w.device)  # no device sync per chunk
     for view, hd in _chunks(w, axis):
         x = view.to(spec.compute_dtype, copy=True)  # [n, hidden] (hd=1) or [hidden, n] (hd=0)
-        # [n, hidden] @ [hidden] -> [n]  or  [hidden] @ [hidden, n] -> [n]
-        coef = x @ d if hd == 1 else d @ x
+        coef = _coef(x, q, hd)  # [n, k]
+        if mask is not None:
+            coef = coef * mask[seen : seen + coef.shape[0]].unsqueeze(1)
+        seen += coef.shape[0]
         sq = (x * x).sum(dim=hd)  # [n]; faster than x.square() or a strided vector_norm
-        new_sq = (sq - (2 * spec.scale - spec.scale**2) * coef.square()).clamp_min(0)
-        if hd == 1:
-            x.addr_(coef, d, alpha=-spec.scale)  # x -= s * coef ⊗ d
+        new_sq = (sq - (2 * spec.scale - spec.scale**2) * coef.square().sum(dim=1)).clamp_min(0)
+        if q.shape[0] == 1:  # rank 1: an outer-product update, the common case
+            if hd == 1:
+                x.addr_(coef[:, 0], q[0], alpha=-spec.scale)  # x -= s * coef ⊗ d
+            else:
+                x.addr_(q[0], coef[:, 0], alpha=-spec.scale)  # x -= s * d ⊗ coef
+        elif hd == 1:
+            x.addmm_(coef, q, alpha=-spec.scale)  # [n, hidden] -= s [n, k] @ [k, hidden]
         else:
-            x.addr_(d, coef, alpha=-spec.scale)  # x -= s * d ⊗ coef
+            x.addmm_(q.T, coef.T, alpha=-spec.scale)  # [hidden, n] -= s [hidden, k] @ [k, n]
         if spec.norm_preserving:
             factor = torch.where(new_sq > TINY, (sq / new_sq.clamp_min(TINY)).sqrt(), 0.0)
             x.mul_(factor.unsqueeze(hd))
             new_sq = sq
         view.copy_(x)
-        # what is left along d in the stored values, relative to the (known) new norms
-        stored = view.to(spec.compute_dtype)
-        left = (stored @ d if hd == 1 else d @ stored).abs()  # -> [n]
+        # what is left along Q in the stored values, relative to the (known) new norms
+        left = _coef(view.to(spec.compute_dtype), q, hd).square().sum(dim=1).sqrt()  # [n]
+        if mask is not None:
+            keep = mask[seen - coef.shape[0] : seen]
+            left, sq, new_sq = left[keep], sq[keep], new_sq[keep]
         if left.numel():
-            # a vector (nearly) parallel to d has (almost) nothing left: no relative residue
+            # a vector (nearly) inside span(Q) has (almost) nothing left: no relative residue
             floor = (1e-3 * sq.sqrt()).clamp_min(TINY)
             rel = left / torch.maximum(new_sq.sqrt(), floor)
             worst = torch.maximum(worst, torch.stack([left.max(), rel.max()]))
+    worst_abs, worst_rel = worst.tolist()
+    return worst_abs, worst_rel
+
+
+def _oblique_(
+    w: torch.Tensor, read: torch.Tensor, write: torch.Tensor, axis: int, spec: EditSpec
+) -> tuple[float, float]:
+    """v' = v - s (Q v) . P for every vector v (a reader's row): the exact input-side edit
+    built by directions.reader_projection, with Q orthonormal and P the matching write basis.
+    Norms are not preserved (it is not a rotation of v); rows < 1 selects by |Q v| as above."""
+    q = read.to(device=w.device, dtype=spec.compute_dtype)  # [k, hidden]
+    p = write.to(device=w.device, dtype=spec.compute_dtype)  # [k, hidden]
+    mask = _selected_rows(w, q, axis, spec) if spec.rows < 1.0 else None
+    seen = 0
+    worst = torch.zeros(2, dtype=spec.compute_dtype, device=w.device)
+    for view, hd in _chunks(w, axis):
+        x = view.to(spec.compute_dtype, copy=True)
+        coef = _coef(x, q, hd)  # [n, k]
+        if mask is not None:
+            coef = coef * mask[seen : seen + coef.shape[0]].unsqueeze(1)
+        seen += coef.shape[0]
+        if hd == 1:
+            x.addmm_(coef, p, alpha=-spec.scale)  # [n, hidden] -= s [n, k] @ [k, hidden]
+        else:
+            x.addmm_(p.T, coef.T, alpha=-spec.scale)  # [hidden, n] -= s [hidden, k] @ [k, n]
+        view.copy_(x)
+        stored = view.to(spec.compute_dtype)
+        left = _coef(stored, q, hd).square().sum(dim=1).sqrt()  # [n]
+        norms = (stored * stored).sum(dim=hd).sqrt()  # [n]
+        if mask is not None:
+            keep = mask[seen - coef.shape[0] : seen]
+            left, norms = left[keep], norms[keep]
+        if left.numel():
+            worst = torch.maximum(
+                worst, torch.stack([left.max(), (left / norms.clamp_min(TINY)).max()])
+            )
     worst_abs, worst_rel = worst.tolist()
     return worst_abs, worst_rel
 
@@ -87,7 +177,7 @@ def _residue(view: torch.Tensor, d: torch.Tensor, hd: int) -> tuple[float, float
     if view.numel() == 0:
         return 0.0, 0.0
     x = view.to(d.dtype)
-    coef = (x @ d if hd == 1 else d @ x).abs()  # -> [n]
+    coef = _coef(x, as_basis(d), hd).square().sum(dim=1).sqrt()  # [n]: |Q v|
     norms = (x * x).sum(dim=hd).sqrt()  # a strided vector_norm is several times slower
     return coef.max().item(), (coef / norms.clamp_min(TINY)).max().item()
 
@@ -100,7 +190,8 @@ def project_out(w: torch.Tensor, d: torch.Tensor, axis: int, spec: EditSpec) -> 
 
 
 def projection_residue(w: torch.Tensor, d: torch.Tensor, axis: int) -> tuple[float, float]:
-    """(max |v.d|, max |v.d| / |v|) over the vectors of w: how much of d is left."""
+    """(max |Q v|, max |Q v| / |v|) over the vectors of w: how much of d (a direction or an
+    orthonormal basis [k, hidden]) is left."""
     d = d.double().to(w.device)
     worst_abs = worst_rel = 0.0
     for view, hd in _chunks(w.contiguous(), axis):

@@ -74,51 +74,178 @@ def _probes(meas: refuse.Measurements, record: dict) -> dict[int, torch.Tensor]:
     return out
 
 
-def _side(
-    model_path: Path,
-    opts: EvalOptions,
-    harmful: list[str],
-    harmless: list[str],
-    probes: dict[int, torch.Tensor],
-    label: str,
-) -> tuple[dict, torch.Tensor]:
-    """Everything measured on one model: (numbers and responses, harmless next-token logits)."""
-    model, tok = activations.load_model(str(model_path), opts.dtype, opts.device)
+@dataclass
+class Side:
+    """What one model did on the held-out prompts."""
+
+    harmful_answers: list[list[int]]  # greedy continuations (token ids)
+    harmless_answers: list[list[int]]
+    first_logits: torch.Tensor  # [n_harmless, vocab]: the first generated token
+    answer_logprobs: list[torch.Tensor]  # along the base's harmless answers, binned
+    answer_bins: list[torch.Tensor]  # the base's top tokens per position (base side only)
+    separation: dict[str, dict[str, float]]
+
+
+def score_model(
+    model,
+    tok,
+    harmful_ids: list[list[int]],
+    harmless_ids: list[list[int]],
+    max_new_tokens: int,
+    batch_size: int,
+    probes: dict[int, torch.Tensor] | None = None,
+    base: Side | None = None,
+    label: str = "model",
+) -> Side:
+    """Generations on both sets, first-token logits on the harmless prompts, and teacher-forced
+    log-probabilities along the harmless answers of the base model (this model's own when
+    `base` is None), plus the separation along each probe direction."""
     pad = activations.pad_id(tok)
-    h_ids, _ = activations.encode(tok, harmful, opts.system, opts.response_prefix)
-    l_ids, _ = activations.encode(tok, harmless, opts.system, opts.response_prefix)
-    n = len(h_ids) + len(l_ids) * (2 if probes else 1) + (len(h_ids) if probes else 0)
+    n = 3 * len(harmless_ids) + len(harmful_ids)
+    n += (len(harmful_ids) + len(harmless_ids)) if probes else 0
     with tqdm(total=n, unit="prompt", desc=label, disable=None) as bar:
-        new = activations.generate(
-            model, h_ids, pad, opts.batch_size, opts.max_new_tokens, bar.update
+        harmful_new = activations.generate(
+            model, harmful_ids, pad, batch_size, max_new_tokens, bar.update
         )
-        logits = activations.next_token_logits(model, l_ids, pad, opts.batch_size, bar.update)
+        harmless_new = activations.generate(
+            model, harmless_ids, pad, batch_size, max_new_tokens, bar.update
+        )
+        logits = activations.next_token_logits(model, harmless_ids, pad, batch_size, bar.update)
+        forced = base.harmless_answers if base is not None else harmless_new
+        lp, bins = activations.answer_logprobs(
+            model,
+            harmless_ids,
+            forced,
+            pad,
+            batch_size,
+            base.answer_bins if base is not None else None,
+            bar.update,
+        )
         separation = {}
         if probes:
-            hs = activations.collect(model, h_ids, pad, opts.batch_size, progress=bar.update)
-            ls = activations.collect(model, l_ids, pad, opts.batch_size, progress=bar.update)
+            hs = activations.collect(model, harmful_ids, pad, batch_size, progress=bar.update)
+            ls = activations.collect(model, harmless_ids, pad, batch_size, progress=bar.update)
             for layer, r in probes.items():
                 hp = hs.states[:, layer].double() @ r  # [n, hidden] @ [hidden] -> [n]
-                lp = ls.states[:, layer].double() @ r
+                lp_ = ls.states[:, layer].double() @ r
                 separation[str(layer)] = {
-                    "auroc": analysis.auroc(hp, lp),
-                    "gap": (hp.mean() - lp.mean()).item(),
+                    "auroc": analysis.auroc(hp, lp_),
+                    "gap": (hp.mean() - lp_.mean()).item(),
                 }
-    responses = [tok.decode(ids, skip_special_tokens=True) for ids in new]
-    flags = [refusals.is_refusal(r) for r in responses]
-    result = {
-        "model": str(model_path),
-        "refusals": sum(flags),
-        "n_harmful": len(flags),
-        "refusal_rate": sum(flags) / max(1, len(flags)),
-        "separation": separation,
+    return Side(harmful_new, harmless_new, logits, lp, bins if base is None else [], separation)
+
+
+def _strip(ids: list[int], tok) -> list[int]:
+    """Answer ids up to (not including) the first end-of-turn / EOS token."""
+    stops = set(_stop_ids(tok))
+    for i, t in enumerate(ids):
+        if t in stops:
+            return ids[:i]
+    return ids
+
+
+def _stop_ids(tok) -> list[int]:
+    out = [tok.eos_token_id, tok.pad_token_id]
+    eot = (
+        tok.convert_tokens_to_ids("<end_of_turn>")
+        if hasattr(tok, "convert_tokens_to_ids")
+        else None
+    )
+    if isinstance(eot, int) and eot != getattr(tok, "unk_token_id", None):
+        out.append(eot)
+    return [t for t in out if isinstance(t, int)]
+
+
+def summarize(side: Side, tok, threshold: float) -> dict:
+    """Refusal, degeneration and compliance counts of one side (threshold: the base's)."""
+    harmful = [_strip(a, tok) for a in side.harmful_answers]
+    harmless = [_strip(a, tok) for a in side.harmless_answers]
+    texts = [tok.decode(a, skip_special_tokens=True) for a in harmful]
+    refused = [refusals.is_refusal(t) for t in texts]
+    degen_h = [refusals.is_degenerate(a, threshold) for a in harmful]
+    degen_l = [refusals.is_degenerate(a, threshold) for a in harmless]
+    complied = [not r and not d for r, d in zip(refused, degen_h, strict=True)]
+    harmless_texts = [tok.decode(a, skip_special_tokens=True) for a in harmless]
+    n_h, n_l = max(1, len(harmful)), max(1, len(harmless))
+    return {
+        "refusals": sum(refused),
+        "n_harmful": len(harmful),
+        "refusal_rate": sum(refused) / n_h,
+        "compliance_rate": sum(complied) / n_h,
+        "harmless_refusal_rate": sum(map(refusals.is_refusal, harmless_texts)) / n_l,
+        "degenerate_harmful_rate": sum(degen_h) / n_h,
+        "degenerate_harmless_rate": sum(degen_l) / n_l,
+        "repetition_harmless": sum(map(refusals.repetition, harmless)) / n_l,
+        "repetition_harmful": sum(map(refusals.repetition, harmful)) / n_h,
+        "separation": side.separation,
         "responses": [
-            {"prompt": p, "response": r, "refusal": f}
-            for p, r, f in zip(harmful, responses, flags, strict=True)
+            {"response": t, "refusal": r, "degenerate": d}
+            for t, r, d in zip(texts, refused, degen_h, strict=True)
         ],
+        "harmless_responses": harmless_texts,
     }
+
+
+def compare(base: Side, ablated: Side, tok) -> dict:
+    """The numbers of a before/after evaluation: both sides' counts (judged with the base's
+    degeneration threshold), first-token KL and answer KL on the harmless prompts."""
+    reps = [
+        refusals.repetition(_strip(a, tok)) for a in base.harmless_answers + base.harmful_answers
+    ]
+    threshold = refusals.degeneration_threshold(reps)
+    if base.first_logits.shape != ablated.first_logits.shape:
+        raise AblationError(
+            f"vocabularies differ: base {list(base.first_logits.shape)}, ablated "
+            f"{list(ablated.first_logits.shape)}"
+        )
+    kl = analysis.kl_divergence(base.first_logits, ablated.first_logits)
+    pairs = [
+        (b, a) for b, a in zip(base.answer_logprobs, ablated.answer_logprobs, strict=True) if len(b)
+    ]
+    per_token = torch.cat([analysis.kl_binned(b, a) for b, a in pairs]) if pairs else torch.zeros(1)
+    return {
+        "base": summarize(base, tok, threshold),
+        "ablated": summarize(ablated, tok, threshold),
+        "kl": {"mean": kl.mean().item(), "max": kl.max().item(), "n_harmless": len(kl)},
+        "answer_kl": {
+            "mean": per_token.mean().item(),
+            "max_answer": max(
+                (analysis.kl_binned(b, a).mean().item() for b, a in pairs), default=0.0
+            ),
+            "tokens": int(per_token.numel()),
+            "bins": activations.TOP_BINS + 1,
+        },
+        "degeneration_threshold": threshold,
+    }
+
+
+def _side_tensors(side: Side) -> dict[str, torch.Tensor]:
+    """A base Side as flat tensors for the cache file."""
+    out = {"first_logits": side.first_logits.contiguous()}
+    for i, (lp, ix) in enumerate(zip(side.answer_logprobs, side.answer_bins, strict=True)):
+        out[f"lp_{i}"], out[f"ix_{i}"] = lp.contiguous(), ix.contiguous()
+    return out
+
+
+def _side_from(tensors: dict[str, torch.Tensor], meta: dict) -> Side:
+    n = len(meta["harmless_answers"])
+    return Side(
+        meta["harmful_answers"],
+        meta["harmless_answers"],
+        tensors["first_logits"],
+        [tensors[f"lp_{i}"] for i in range(n)],
+        [tensors[f"ix_{i}"] for i in range(n)],
+        meta["separation"],
+    )
+
+
+def _run_side(path: Path, opts: EvalOptions, h_ids, l_ids, probes, base, label) -> Side:
+    model, tok = activations.load_model(str(path), opts.dtype, opts.device)
+    side = score_model(
+        model, tok, h_ids, l_ids, opts.max_new_tokens, opts.batch_size, probes, base, label
+    )
     del model
-    return result, logits
+    return side
 
 
 def run(opts: EvalOptions) -> dict:
@@ -156,27 +283,33 @@ def run(opts: EvalOptions) -> dict:
     )
     key = hashlib.sha256(key_src.encode()).hexdigest()[:32]
     cache = default_cache() / "eval" / key
-    if opts.cache and (cache.with_suffix(".json")).exists():
+    tok = activations.load_tokenizer(str(base_dir))
+    h_ids, _ = activations.encode(tok, harmful, opts.system, opts.response_prefix)
+    l_ids, _ = activations.encode(tok, harmless, opts.system, opts.response_prefix)
+    if opts.cache and cache.with_suffix(".json").exists():
         LOG.info("base model numbers from the cache (%s)", cache)
-        base = json.loads(cache.with_suffix(".json").read_text())
-        base_logits = load_file(str(cache.with_suffix(".safetensors")))["logits"]
+        meta = json.loads(cache.with_suffix(".json").read_text())
+        base = _side_from(load_file(str(cache.with_suffix(".safetensors"))), meta)
     else:
-        base, base_logits = _side(base_dir, opts, harmful, harmless, probes, "base")
+        base = _run_side(base_dir, opts, h_ids, l_ids, probes, None, "base")
         if opts.cache:
             cache.parent.mkdir(parents=True, exist_ok=True)
-            save_file({"logits": base_logits.contiguous()}, str(cache.with_suffix(".safetensors")))
-            cache.with_suffix(".json").write_text(json.dumps(base))
-    ablated, ablated_logits = _side(ablated_dir, opts, harmful, harmless, probes, "ablated")
-    if base_logits.shape != ablated_logits.shape:
-        raise AblationError(
-            f"vocabularies differ: base {list(base_logits.shape)}, ablated "
-            f"{list(ablated_logits.shape)}"
-        )
-    kl = analysis.kl_divergence(base_logits, ablated_logits)
+            save_file(_side_tensors(base), str(cache.with_suffix(".safetensors")))
+            meta = {
+                "harmful_answers": base.harmful_answers,
+                "harmless_answers": base.harmless_answers,
+                "separation": base.separation,
+            }
+            cache.with_suffix(".json").write_text(json.dumps(meta))
+    ablated = _run_side(ablated_dir, opts, h_ids, l_ids, probes, base, "ablated")
+    numbers = compare(base, ablated, tok)
+    sides = {"base": numbers.pop("base"), "ablated": numbers.pop("ablated")}
+    responses_by_side = {k: v.pop("responses") for k, v in sides.items()}
+    harmless_by_side = {k: v.pop("harmless_responses") for k, v in sides.items()}
     result = {
-        "base": {k: v for k, v in base.items() if k != "responses"},
-        "ablated": {k: v for k, v in ablated.items() if k != "responses"},
-        "kl": {"mean": kl.mean().item(), "max": kl.max().item(), "n_harmless": len(harmless)},
+        **sides,
+        **numbers,
+        "model": {"base": str(base_dir), "ablated": str(ablated_dir)},
         "settings": {**settings, "harmful_source": h_src, "harmless_source": l_src},
     }
     out = opts.output or ablated_dir / "eval.json"
@@ -184,9 +317,17 @@ def run(opts: EvalOptions) -> dict:
     try:
         out.write_text(json.dumps(result, indent=2) + "\n")
         with open(responses, "w") as f:
-            for side, res in (("base", base), ("ablated", ablated)):
-                for row in res["responses"]:
-                    f.write(json.dumps({"model": side, **row}) + "\n")
+            for side, rows in responses_by_side.items():
+                for prompt, row in zip(harmful, rows, strict=True):
+                    f.write(json.dumps({"model": side, "set": "harmful", "prompt": prompt, **row}))
+                    f.write("\n")
+                for prompt, text in zip(harmless, harmless_by_side[side], strict=True):
+                    f.write(
+                        json.dumps(
+                            {"model": side, "set": "harmless", "prompt": prompt, "response": text}
+                        )
+                        + "\n"
+                    )
     except OSError as exc:
         raise AblationError(f"{out}: cannot write ({exc.strerror})") from exc
     result["files"] = {"eval": str(out), "responses": str(responses)}
@@ -194,21 +335,35 @@ def run(opts: EvalOptions) -> dict:
 
 
 def table(result: dict) -> list[str]:
-    b, a, kl = result["base"], result["ablated"], result["kl"]
+    b, a, kl, akl = result["base"], result["ablated"], result["kl"], result["answer_kl"]
     rows = [
-        f"{'':28}{'base':>10}{'ablated':>10}",
-        f"{'refusal rate':28}{b['refusal_rate']:>10.1%}{a['refusal_rate']:>10.1%}"
+        f"{'':30}{'base':>10}{'ablated':>10}",
+        f"{'refusal rate':30}{b['refusal_rate']:>10.1%}{a['refusal_rate']:>10.1%}"
         f"   ({b['n_harmful']} held-out harmful prompts)",
-        f"{'KL(base || ablated)':28}{'-':>10}{kl['mean']:>10.4f}"
-        f"   (first token, {kl['n_harmless']} harmless prompts; max {kl['max']:.3f})",
+        f"{'answered (not refused, sane)':30}{b['compliance_rate']:>10.1%}"
+        f"{a['compliance_rate']:>10.1%}   (no refusal and not degenerate)",
+        f"{'refusals of harmless prompts':30}{b['harmless_refusal_rate']:>10.1%}"
+        f"{a['harmless_refusal_rate']:>10.1%}",
+        f"{'degenerate answers, harmful':30}{b['degenerate_harmful_rate']:>10.1%}"
+        f"{a['degenerate_harmful_rate']:>10.1%}   (repeated {refusals.REPEAT_N}-grams above "
+        f"{result['degeneration_threshold']:.2f}, the base's own level)",
+        f"{'degenerate answers, harmless':30}{b['degenerate_harmless_rate']:>10.1%}"
+        f"{a['degenerate_harmless_rate']:>10.1%}",
+        f"{'KL(base || ablated), 1st token':30}{'-':>10}{kl['mean']:>10.4f}"
+        f"   ({kl['n_harmless']} harmless prompts; max {kl['max']:.3f})",
+        f"{'KL along base answers':30}{'-':>10}{akl['mean']:>10.4f}"
+        f"   (per token, teacher-forced, {akl['tokens']} tokens; worst answer "
+        f"{akl['max_answer']:.3f})",
     ]
     for layer in sorted(a["separation"], key=int):
         sb, sa = b["separation"].get(layer, {}), a["separation"][layer]
         rows.append(
-            f"{'layer ' + layer + ' separation auroc':28}"
+            f"{'layer ' + layer + ' separation auroc':30}"
             f"{sb.get('auroc', float('nan')):>10.3f}{sa['auroc']:>10.3f}"
             f"   (gap {sb.get('gap', float('nan')):.2f} -> {sa['gap']:.2f})"
         )
-    if kl["mean"] > KL_DAMAGE:
+    if kl["mean"] > KL_DAMAGE or akl["mean"] > KL_DAMAGE:
         rows.append(f"warning: KL above {KL_DAMAGE} usually means real damage to the model")
+    if a["degenerate_harmless_rate"] > b["degenerate_harmless_rate"] + 0.05:
+        rows.append("warning: the ablated model degenerates more often than the base model")
     return rows

@@ -49,6 +49,35 @@ def resolve_model(spec: str) -> Path:
         raise AblationError(f"model {spec!r}: cannot get it from the Hub ({first})") from exc
 
 
+_CACHE_PATH = re.compile(r"models--([^/]+)--([^/]+)/snapshots/")
+
+
+def hub_id(model: str, model_dir: Path | None = None, override: str | None = None) -> str | None:
+    """The base model's Hub id for the card, or None when it cannot be known: --base-model
+    first, then the model argument when it is an id, a Hugging Face cache path
+    (models--org--name/snapshots/...), or a config _name_or_path that is an id. A local path
+    is never taken for an id."""
+    if override:
+        if not REPO_ID.match(override):
+            raise AblationError(f"--base-model {override!r} is not of the form owner/name")
+        return override
+    if REPO_ID.match(model) and not Path(model).expanduser().exists():
+        return model
+    for candidate in (model, str(model_dir.resolve()) if model_dir else ""):
+        m = _CACHE_PATH.search(candidate)
+        if m:
+            return f"{m.group(1)}/{m.group(2)}"
+    config = (model_dir / "config.json") if model_dir else None
+    if config is not None and config.is_file():
+        try:
+            name = json.loads(config.read_text()).get("_name_or_path", "")
+        except (json.JSONDecodeError, OSError):
+            name = ""
+        if isinstance(name, str) and REPO_ID.match(name) and not Path(name).exists():
+            return name
+    return None
+
+
 def base_license(model_dir: Path) -> str | None:
     """The license in the base model's card metadata, if it has one."""
     card = model_dir / "README.md"
@@ -67,14 +96,19 @@ def model_card(
     """A card that says where the weights came from, what was done to them, and (after
     `ablation evaluate`) what it changed."""
     base = record["base_model"]
+    base_id = record.get("base_model_id") or (
+        base if REPO_ID.match(base) and not Path(base).exists() else None
+    )
     orders = record["orders"]
     data = ModelCardData(
-        base_model=base if REPO_ID.match(base) else None,
+        base_model=base_id,
         license=license,
         tags=["abliterated", "uncensored", "ablation"],
     )
     rows = "\n".join(
-        f"| {o['layer']} | {o['measurement']} | {o['scale']:g} | {o['sparsity']:g} |"
+        f"| {o['layer']} | {o['measurement']} | {o['scale']:g} | {o['sparsity']:g} | "
+        f"{', '.join(o.get('components', orders['components']))} | {o.get('directions', 1)} | "
+        f"{o.get('rows', 1.0):g} |"
         for o in orders["layers"]
     )
     edited = ", ".join(f"{k} {v}" for k, v in sorted(record["counts_by_role"].items()))
@@ -85,24 +119,48 @@ def model_card(
         if meta.get(k)
     )
     sections = [
-        f"# {Path(base).name}, abliterated",
-        f"The refusal direction was removed from [`{base}`](https://huggingface.co/{base}) "
+        f"# {Path(base_id or base).name}, abliterated",
+        "The refusal direction was removed from "
+        + (
+            f"[`{base_id}`](https://huggingface.co/{base_id})"
+            if base_id
+            else f"`{Path(base).name}`"
+        )
+        + " "
         f"with ablation {record['version']}: a {orders['method']} edit "
         f"({'biprojected' if orders['projected'] else 'plain'} direction) of "
         f"{', '.join(orders['components'])}, streamed shard by shard through the "
         "safetensors checkpoint.",
         f"Edited tensors by role: {edited}.",
-        f"| layer | measurement | scale | sparsity |\n|---|---|---|---|\n{rows}",
+        "| layer | measurement | scale | sparsity | components | directions | rows |\n"
+        f"|---|---|---|---|---|---|---|\n{rows}",
         f"Measurement (`.refuse`, sha256 `{record['refuse']['sha256'][:16]}...`): {measured}.",
     ]
     if evaluation:
         b, a, kl = evaluation["base"], evaluation["ablated"], evaluation["kl"]
-        sections.append(
-            "## Evaluation\n\n| | base | abliterated |\n|---|---|---|\n"
+        rows = [
             f"| refusal rate ({b['n_harmful']} held-out harmful prompts) | "
-            f"{b['refusal_rate']:.1%} | {a['refusal_rate']:.1%} |\n"
-            f"| KL(base \\|\\| abliterated), first token, harmless prompts | - | "
-            f"{kl['mean']:.4f} |"
+            f"{b['refusal_rate']:.1%} | {a['refusal_rate']:.1%} |",
+        ]
+        if "answer_kl" in evaluation:
+            rows += [
+                f"| answered (no refusal, not degenerate) | {b['compliance_rate']:.1%} | "
+                f"{a['compliance_rate']:.1%} |",
+                f"| degenerate answers, harmless prompts | {b['degenerate_harmless_rate']:.1%} | "
+                f"{a['degenerate_harmless_rate']:.1%} |",
+                f"| degenerate answers, harmful prompts | {b['degenerate_harmful_rate']:.1%} | "
+                f"{a['degenerate_harmful_rate']:.1%} |",
+            ]
+        rows.append(
+            f"| KL(base \\|\\| abliterated), first token, harmless prompts | - | {kl['mean']:.4f} |"
+        )
+        if "answer_kl" in evaluation:
+            rows.append(
+                "| KL per token along the base's own harmless answers | - | "
+                f"{evaluation['answer_kl']['mean']:.4f} |"
+            )
+        sections.append(
+            "## Evaluation\n\n| | base | abliterated |\n|---|---|---|\n" + "\n".join(rows)
         )
     sections.append("The full record (resolved orders, every edited tensor) is in `ablation.json`.")
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n\n".join(sections) + "\n")

@@ -18,6 +18,7 @@ from ablation.hub import resolve_model
 from ablation.system import peak_rss
 
 LOG = logging.getLogger(__name__)
+BASIS_SIZE = 8  # directions of the refusal subspace stored per layer (orders pick k <= this)
 
 
 @dataclass
@@ -160,6 +161,9 @@ def assemble(
             lp = harmless.states[:, layer].double() @ unit
             extra = {"harmful_proj": hp.float(), "harmless_proj": lp.float()}
             aurocs[layer] = analysis.auroc(hp, lp)
+            basis = directions.subspace(harmful.states[:, layer], l_mean, unit, BASIS_SIZE)
+            if basis.shape[0]:
+                extra["basis"] = basis.float()
         if layer in harmful.expert_counts:
             extra["experts_harmful"] = harmful.expert_counts[layer].float()
         if layer in harmless.expert_counts:

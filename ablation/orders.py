@@ -15,27 +15,63 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from ablation.architecture import COMPONENTS, DEFAULT_COMPONENTS
+from ablation.architecture import COMPONENT_GROUPS, COMPONENTS, DEFAULT_COMPONENTS
 from ablation.errors import AblationError
 
 LOG = logging.getLogger(__name__)
 
-Component = Literal["attn_out", "mlp_out", "experts", "shared_experts", "router", "embed", "biases"]
-assert set(Component.__args__) == set(COMPONENTS)  # one list of components, checked at import
+Component = Literal[
+    "attn_out",
+    "mlp_out",
+    "experts",
+    "shared_experts",
+    "router",
+    "embed",
+    "biases",
+    "attn_in",
+    "mlp_in",
+    "experts_in",
+    "writers",
+    "readers",
+]
+# one list of components (plus the group shorthands), checked at import
+assert set(Component.__args__) == set(COMPONENTS) | set(COMPONENT_GROUPS)
+
+
+class _Kernel(BaseModel):
+    """A scale that varies over layers: max_scale at the peak, falling linearly to min_scale
+    at peak +- width; expands to one entry per layer in [peak - width, peak + width]."""
+
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+    peak: int = Field(ge=0)
+    width: int = Field(ge=0)
+    max_scale: float = 1.0
+    min_scale: float = 0.0
+
+    def scales(self) -> dict[int, float]:
+        out = {}
+        for layer in range(max(0, self.peak - self.width), self.peak + self.width + 1):
+            t = abs(layer - self.peak) / self.width if self.width else 0.0
+            out[layer] = self.max_scale - (self.max_scale - self.min_scale) * t
+        return out
 
 
 class _Entry(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
     layer: int | None = None
     layers: int | str | list[int | str] | None = None
+    kernel: _Kernel | None = None
     measurement: int | None = None
     scale: float = 1.0
     sparsity: float = Field(default=0.0, ge=0.0, lt=1.0)
+    components: list[Component] | None = None
+    directions: int | None = Field(default=None, ge=1)
+    rows: float | None = Field(default=None, gt=0.0, le=1.0)
 
     @model_validator(mode="after")
     def _one_of(self) -> _Entry:
-        if (self.layer is None) == (self.layers is None):
-            raise ValueError("give exactly one of 'layer' or 'layers'")
+        if sum(x is not None for x in (self.layer, self.layers, self.kernel)) != 1:
+            raise ValueError("give exactly one of 'layer', 'layers' or 'kernel'")
         return self
 
 
@@ -48,6 +84,8 @@ class _File(BaseModel):
     projected: bool = True
     scale: float = 1.0
     components: list[Component] = Field(default_factory=lambda: list(DEFAULT_COMPONENTS))
+    directions: int = Field(default=1, ge=1)
+    rows: float = Field(default=1.0, gt=0.0, le=1.0)
     ablate: list[_Entry] = Field(min_length=1)
 
 
@@ -55,9 +93,12 @@ class _File(BaseModel):
 class LayerOrder:
     layer: int
     measurement: int
-    scale: float  # entry scale times the global scale
+    scale: float  # entry scale times the global scale (times the kernel's, if any)
     sparsity: float
     line: int
+    components: tuple[str, ...] = DEFAULT_COMPONENTS
+    directions: int = 1  # k: the top-k subspace of the measurement (1: its unit direction)
+    rows: float = 1.0  # sparse surgery: the fraction of each tensor's vectors edited
 
 
 @dataclass
@@ -87,6 +128,14 @@ class Orders:
 
     def where(self, order: LayerOrder) -> str:
         return f"{self.source or 'orders'}:{order.line}"
+
+
+def expand_components(names: list[str] | tuple[str, ...]) -> tuple[str, ...]:
+    """Components in the order given, group shorthands ("writers", "readers") expanded."""
+    out: list[str] = []
+    for name in names:
+        out.extend(COMPONENT_GROUPS.get(name, (name,)))
+    return tuple(dict.fromkeys(out))
 
 
 def parse_layers(spec: int | str | list[int | str]) -> list[int]:
@@ -171,29 +220,47 @@ def load(path: Path, overrides: dict[str, Any] | None = None) -> Orders:
 def _expand(path: Path, parsed: _File, lines: dict[tuple, int]) -> Orders:
     if not math.isfinite(parsed.scale) or parsed.scale == 0:
         raise AblationError(f"{path}:{lines.get(('scale',), 1)}: scale must be finite, non-zero")
-    seen: dict[int, int] = {}
+    seen: dict[tuple[int, str], int] = {}
     layers: list[LayerOrder] = []
+    top_components = expand_components(parsed.components)
     for i, entry in enumerate(parsed.ablate):
         line = lines.get(("ablate", i), 1)
-        try:
-            numbers = parse_layers(entry.layers) if entry.layers is not None else [entry.layer]
-        except ValueError as exc:
-            raise AblationError(f"{path}:{line}: ablate.{i}.layers: {exc}") from None
-        for n in numbers:
-            if n in seen:
-                raise AblationError(
-                    f"{path}:{line}: layer {n} is ordered twice (also at line {seen[n]})"
-                )
+        if entry.kernel is not None:
+            scales = entry.kernel.scales()
+        else:
+            try:
+                numbers = parse_layers(entry.layers if entry.layers is not None else entry.layer)
+            except ValueError as exc:
+                raise AblationError(f"{path}:{line}: ablate.{i}.layers: {exc}") from None
+            scales = dict.fromkeys(numbers, 1.0)
+        components = (
+            expand_components(entry.components) if entry.components is not None else top_components
+        )
+        k = entry.directions or parsed.directions
+        if k > 1 and entry.sparsity:
+            raise AblationError(
+                f"{path}:{line}: sparsity applies to one direction, not to directions: {k}"
+            )
+        for n, kernel_scale in scales.items():
             if n < 0:
                 raise AblationError(f"{path}:{line}: layer {n} is negative")
-            seen[n] = line
+            for c in components:
+                if (n, c) in seen:
+                    raise AblationError(
+                        f"{path}:{line}: layer {n} is ordered twice for {c} "
+                        f"(also at line {seen[n, c]})"
+                    )
+                seen[n, c] = line
             layers.append(
                 LayerOrder(
                     layer=n,
                     measurement=entry.measurement if entry.measurement is not None else n,
-                    scale=entry.scale * parsed.scale,
+                    scale=entry.scale * kernel_scale * parsed.scale,
                     sparsity=entry.sparsity,
                     line=line,
+                    components=components,
+                    directions=k,
+                    rows=entry.rows if entry.rows is not None else parsed.rows,
                 )
             )
     return Orders(
@@ -203,7 +270,7 @@ def _expand(path: Path, parsed: _File, lines: dict[tuple, int]) -> Orders:
         method=parsed.method,
         projected=parsed.projected,
         scale=parsed.scale,
-        components=tuple(dict.fromkeys(parsed.components)),
+        components=top_components,
         layers=sorted(layers, key=lambda o: o.layer),
         source=path,
     )

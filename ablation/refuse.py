@@ -25,7 +25,7 @@ FORMAT = "refuse"
 FORMAT_VERSION = "1"
 _KEY = re.compile(
     r"^(harmful|harmless|refuse|refusenorm|harmful_proj|harmless_proj|"
-    r"experts_harmful|experts_harmless)_(\d+)$"
+    r"experts_harmful|experts_harmless|basis)_(\d+)$"
 )
 REQUIRED = ("harmful", "harmless", "refuse", "refusenorm")
 
@@ -36,7 +36,14 @@ class LayerMeasurement:
     harmless: torch.Tensor  # [hidden]
     refuse: torch.Tensor  # [hidden] harmful - harmless
     refusenorm: torch.Tensor  # [hidden] unit direction (biprojected when measured so)
-    extra: dict[str, torch.Tensor] = field(default_factory=dict)  # *_proj, experts_*
+    # *_proj, experts_*, and basis [k, hidden]: an optional orthonormal refusal subspace whose
+    # first row is refusenorm (a reader that does not know the key skips it)
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+
+    @property
+    def basis(self) -> torch.Tensor:
+        """The stored subspace [k, hidden], or the unit direction alone as [1, hidden]."""
+        return self.extra.get("basis", self.refusenorm.unsqueeze(0))
 
 
 @dataclass
@@ -136,5 +143,8 @@ def _assemble(
             if t.ndim != 1 or (hidden is not None and t.shape[0] != hidden):
                 raise AblationError(f"{path}: {kind}_{layer} has shape {list(t.shape)}")
             hidden = t.shape[0]
+        basis = parts.get("basis")
+        if basis is not None and (basis.ndim != 2 or basis.shape[1] != hidden):
+            raise AblationError(f"{path}: basis_{layer} has shape {list(basis.shape)}")
         layers[layer] = LayerMeasurement(*(parts.pop(k) for k in REQUIRED), extra=parts)
     return Measurements(layers, metadata)

@@ -108,22 +108,28 @@ def emit_orders(
         "method": method,
         "projected": True,
         "scale": scale,
-        "components": ["attn_out", "mlp_out", "experts", "shared_experts", "router"],
+        "components": ["readers", "router"],
         "ablate": [
             {
                 "layers": f"{s.layers[0]}-{s.layers[1]}",
                 "measurement": s.measurement,
                 "scale": 1.0,
-                "sparsity": 0.0,
             }
         ],
     }
+    why = (
+        f"the first layer whose auroc ({_fmt(best.auroc, '.3f')}) is within "
+        f"{analysis.SATURATION} of the best"
+        if s.rule == "saturation"
+        else f"the best score ({best.score:.3g}; no per-prompt projections in the file)"
+    )
     header = (
         f"# Starting marching orders written by analyze.py from {measurements}.\n"
-        f"# Measurement layer {s.measurement}: best score {best.score:.3g} away from the first and "
-        f"last layers (auroc {_fmt(best.auroc, '.3f')}, purity {best.purity:.3f}).\n"
-        f"# Window {s.layers[0]}-{s.layers[1]}: the contiguous layers around it whose separation\n"
-        "# stays at least half of the best's. Review, then run:\n"
+        f"# Measurement layer {s.measurement}: {why}, away from the first layers.\n"
+        f"# Layers {s.layers[0]}-{s.layers[1]}: from there on, every module that reads the\n"
+        "# residual stream (attention q/k/v, MLP and expert gate/up, routers) stops reading the\n"
+        "# direction: the weights do what removing it from the stream from that layer on does.\n"
+        "# Review, then run:\n"
         f"#   python sharded_ablate.py {path} --dry-run\n"
     )
     _write(path, header + yaml.safe_dump(body, sort_keys=False))

@@ -27,7 +27,7 @@ import torch
 from tqdm import tqdm
 
 from ablation import __version__, directions, edits, refuse
-from ablation.architecture import Architecture, Target, resolve
+from ablation.architecture import READERS, Architecture, Target, resolve
 from ablation.checkpoint import (
     ShardIndex,
     copy_file,
@@ -37,7 +37,7 @@ from ablation.checkpoint import (
     write_tensor,
 )
 from ablation.errors import AblationError
-from ablation.hub import base_license, model_card
+from ablation.hub import base_license, hub_id, model_card
 from ablation.orders import LayerOrder, Orders
 from ablation.system import peak_rss, pin_mmap_threshold
 
@@ -56,6 +56,10 @@ class Edit:
     measurement: int
     scale: float
     norm_preserving: bool
+    rows: float = 1.0
+
+    def spec(self, compute_dtype: torch.dtype = torch.float32) -> edits.EditSpec:
+        return edits.EditSpec(self.scale, self.norm_preserving, compute_dtype, self.rows)
 
 
 @dataclass
@@ -65,7 +69,7 @@ class Plan:
     orders: Orders
     measurements: refuse.Measurements
     refuse_sha256: str
-    directions: dict[str, torch.Tensor]
+    directions: dict[str, torch.Tensor]  # key -> [hidden] unit direction or [k, hidden] basis
     shards: dict[str, list[Edit]]  # shard -> edits in byte order; every shard is a key
     warnings: list[str] = field(default_factory=list)
 
@@ -186,6 +190,8 @@ def build_plan(orders: Orders, model_dir: Path, measurements_path: Path) -> Plan
 
 
 def _direction(plan: Plan, order: LayerOrder, target_layer: int, what: str) -> torch.Tensor:
+    """The unit direction [hidden] (or the orthonormal basis [k, hidden]) one order applies at
+    one target layer."""
     meas, orders = plan.measurements, plan.orders
     where = orders.where(order)
     if order.measurement not in meas.layers:
@@ -201,12 +207,15 @@ def _direction(plan: Plan, order: LayerOrder, target_layer: int, what: str) -> t
                 "which the .refuse file lacks (or set projected: false)"
             )
         harmless = meas.layers[target_layer].harmless
-    return directions.target_direction(
-        meas.layers[order.measurement].refusenorm,
-        harmless,
-        order.sparsity,
-        f"{where}: {what}",
-    )
+    m = meas.layers[order.measurement]
+    if order.directions > 1:
+        return directions.target_basis(
+            m.basis,
+            harmless,
+            order.directions,
+            f"{where}: {what} (measurement {order.measurement})",
+        )
+    return directions.target_direction(m.refusenorm, harmless, order.sparsity, f"{where}: {what}")
 
 
 def _plan_layer(plan: Plan, order: LayerOrder, fd_cache: dict[str, int]) -> None:
@@ -217,15 +226,24 @@ def _plan_layer(plan: Plan, order: LayerOrder, fd_cache: dict[str, int]) -> None
             f"(the model has layers 0-{arch.num_layers - 1})"
         )
     r = _direction(plan, order, order.layer, f"direction for layer {order.layer}")
-    key = f"layer{order.layer}"
+    key = f"layer{order.layer}" + (
+        "" if order.components == orders.components else f"@{order.line}"
+    )
     plan.directions[key] = r
     try:
         targets = arch.targets(order.layer)
     except AblationError as exc:
         raise AblationError(f"{orders.where(order)}: {exc}") from None
-    for t in targets:
-        if _selected(t, orders):
-            _add(plan, t, key, r, order, fd_cache)
+    chosen = [t for t in targets if _selected(t, order.components)]
+    wanted_readers = [c for c in order.components if c in READERS]
+    if wanted_readers and not any(t.component in wanted_readers for t in chosen):
+        raise AblationError(
+            f"{orders.where(order)}: layer {order.layer}: no {' or '.join(wanted_readers)} "
+            f"tensor found with the {arch.family.family} table; the layer holds: "
+            + ", ".join(arch.layer_tensors(order.layer)[:12])
+        )
+    for t in chosen:
+        _add(plan, t, key, r, order, fd_cache)
 
 
 def _plan_embed(plan: Plan, fd_cache: dict[str, int]) -> None:
@@ -243,24 +261,35 @@ def _plan_embed(plan: Plan, fd_cache: dict[str, int]) -> None:
         _add(plan, t, "embed", r, first, fd_cache)
 
 
-def _selected(t: Target, orders: Orders) -> bool:
-    return t.component in orders.components and (not t.is_bias or "biases" in orders.components)
+def _selected(t: Target, components: tuple[str, ...]) -> bool:
+    return t.component in components and (not t.is_bias or "biases" in components)
 
 
 def _add(
     plan: Plan, t: Target, key: str, r: torch.Tensor, order: LayerOrder, fd_cache: dict[str, int]
 ) -> None:
-    if t.post_norm is not None:
-        info = plan.index.tensors[t.post_norm]
+    if t.norm is not None:
+        info = plan.index.tensors[t.norm]
         if info.shard not in fd_cache:
             fd_cache[info.shard] = os.open(plan.model_dir / info.shard, os.O_RDONLY)
         gamma = read_tensor(fd_cache[info.shard], info)
-        key = f"{key}:{t.post_norm}"
-        plan.directions[key] = directions.post_norm_direction(
-            r, gamma, plan.arch.family.norm_offset
-        )
+        offset = plan.arch.family.norm_offset
+        if t.is_reader:  # the exact input-side edit behind the norm (an oblique projection)
+            key = f"{key}:in:{t.norm}"
+            plan.directions[key] = directions.reader_projection(r, gamma, offset)
+        else:
+            key = f"{key}:{t.norm}"
+            plan.directions[key] = directions.norm_direction(r, gamma, offset)
+    oblique = plan.directions[key].ndim == 3
     plan.shards[t.info.shard].append(
-        Edit(t, key, order.measurement, order.scale, plan.orders.norm_preserving and not t.is_bias)
+        Edit(
+            t,
+            key,
+            order.measurement,
+            order.scale,
+            plan.orders.norm_preserving and not t.is_bias and not oblique,
+            1.0 if t.is_bias else order.rows,
+        )
     )
 
 
@@ -287,6 +316,7 @@ class Options:
     link: bool = False
     overwrite: bool = False
     resume: bool = False
+    base_model: str | None = None  # the base model's Hub id for the card (--base-model)
 
 
 @dataclass
@@ -582,7 +612,7 @@ def _edit(plan: Plan, e: Edit, w: torch.Tensor, opts: Options) -> tuple[torch.Te
     and its entry for ablation.json."""
     info = e.target.info
     on_device = w.to(opts.device) if opts.device.type != "cpu" else w
-    spec = edits.EditSpec(e.scale, e.norm_preserving, opts.compute_dtype)
+    spec = e.spec(opts.compute_dtype)
     residue_abs, residue_rel = edits.project_out_(
         on_device, plan.directions[e.direction], e.target.hidden_axis, spec
     )
@@ -596,6 +626,8 @@ def _edit(plan: Plan, e: Edit, w: torch.Tensor, opts: Options) -> tuple[torch.Te
         "scale": e.scale,
         "method": "norm-preserving" if e.norm_preserving else "standard",
         "direction": e.direction,
+        "directions": int(edits.as_basis(plan.directions[e.direction]).shape[0]),
+        "rows": e.rows,
         "max_abs_projection": residue_abs,
         "max_rel_projection": residue_rel,
     }
@@ -608,6 +640,7 @@ def _finish(plan: Plan, out: Path, opts: Options, records: list[dict]) -> None:
         "tool": "ablation",
         "version": __version__,
         "base_model": plan.orders.model,
+        "base_model_id": hub_id(plan.orders.model, plan.model_dir, opts.base_model),
         "orders": plan.orders.as_dict(),
         "refuse": {
             "path": str(plan.orders.measurements),

@@ -100,7 +100,7 @@ def _check_edit(plan: Plan, e: Edit, fd_in: int, fd_out: int, report: Report) ->
     axis = e.target.hidden_axis
     tol = tolerance(after.dtype)
     report.edited += 1
-    if e.scale == 1.0:
+    if e.scale == 1.0 and e.rows == 1.0:
         _, rel = edits.projection_residue(after, d, axis)
         report.worst_residue = max(report.worst_residue, rel)
         if rel > tol:
@@ -108,7 +108,7 @@ def _check_edit(plan: Plan, e: Edit, fd_in: int, fd_out: int, report: Report) ->
                 f"{info.name}: |v.r|/|v| = {rel:.2e} after the edit (tolerance {tol:.1e})"
             )
     else:
-        spec = edits.EditSpec(e.scale, e.norm_preserving)
+        spec = e.spec()
         want = edits.project_out(before, d, axis, spec).double()
         err = (after.double() - want).abs().max().item() if want.numel() else 0.0
         bound = tol * max(before.double().abs().max().item() if before.numel() else 0.0, 1e-30)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
-# The whole pipeline on a real small model, on the CPU, in a few minutes, from a fresh clone:
-# google/gemma-3-270m (from the PyPI GGUF package) -> measure -> analyze -> ablate -> verify
-# -> evaluate -> publish --dry-run.   Usage: scripts/demo.sh [OUT_DIR]   (default: demo-out)
+# The whole pipeline on a real small model that refuses, on the CPU, from a fresh clone:
+# gemma-3-270m (from the PyPI GGUF package) taught to refuse (built once, ~5 min, cached)
+# -> measure -> analyze -> ablate -> verify -> evaluate -> publish --dry-run.
+# Usage: scripts/demo.sh [OUT_DIR]   (default: demo-out)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
@@ -15,35 +16,47 @@ fi
 "$VENV/bin/python" -m pip install -q --disable-pip-version-check -e ".[demo,charts]"
 export PATH="$PWD/$VENV/bin:$PATH"
 mkdir -p "$OUT"
-MODEL="$OUT/gemma-3-270m"
+MODEL="$OUT/gemma-3-270m-refusing"
 step() { printf '\n== %s\n' "$*"; }
 
-step "1/6 build the model checkpoint (sharded bf16 safetensors) in $MODEL"
-[ -f "$MODEL/config.json" ] || ablation demo-model "$MODEL" -q
+step "1/6 the refusing model: gemma-3-270m taught to refuse the built-in harmful measure prompts"
+echo "(LoRA merged into the weights, trained on the measure split only; the held-out split below"
+echo " is never trained on. First run: about 5 minutes on 2 cores, then cached.)"
+[ -f "$MODEL/config.json" ] || ablation demo-model --refusing "$MODEL" -q
 
 step "2/6 measure: built-in harmful and harmless prompts -> $OUT/gemma.refuse"
 python measure.py --model "$MODEL" -o "$OUT/gemma.refuse" --batch-size 32 -q
 
-step "3/6 analyze: rank layers, draw them, write starting orders"
+step "3/6 analyze: rank layers, draw them, write starting orders (no hand edits below)"
 python analyze.py "$OUT/gemma.refuse" --chart "$OUT/layers.png" --json "$OUT/layers.json" \
   --emit-orders "$OUT/orders.yaml" --model "$MODEL" --output "$OUT/gemma-3-270m-abliterated"
+grep -v '^#' "$OUT/orders.yaml"
 
 step "4/6 ablate: stream the shards through the edits"
-python sharded_ablate.py "$OUT/orders.yaml" --overwrite -q
+python sharded_ablate.py "$OUT/orders.yaml" --overwrite --base-model google/gemma-3-270m -q
 
-step "5/6 verify: edits took, norms kept, every other byte identical"
+step "5/6 verify: edits took, every other byte identical"
 ablation verify "$OUT/gemma-3-270m-abliterated" --orders "$OUT/orders.yaml" -q
 
-step "6/6 evaluate: refusals and KL before vs after, separation along the ablated direction"
-echo "gemma-3-270m is a base model and barely refuses: the refusal rates say little here. The"
-echo "mechanistic effect is the point: the harmful/harmless separation (auroc) along the ablated"
-echo "direction falls sharply in the layers after the edits, at a small KL cost."
+step "6/6 evaluate: held-out prompts, base vs ablated"
 ablation evaluate --base "$MODEL" --ablated "$OUT/gemma-3-270m-abliterated" \
-  --max-new-tokens 32 --batch-size 32 -q
+  --max-new-tokens 24 --batch-size 32 -q
+
+step "side by side: held-out harmful prompts, base vs ablated (first 4)"
+python - "$OUT/gemma-3-270m-abliterated/eval_responses.jsonl" <<'PY'
+import json, sys
+rows = [json.loads(line) for line in open(sys.argv[1])]
+harm = {}
+for r in rows:
+    if r["set"] == "harmful":
+        harm.setdefault(r["prompt"], {})[r["model"]] = r["response"].replace("\n", " ")[:70]
+for prompt, sides in list(harm.items())[:4]:
+    print(f"prompt : {prompt}\n  base   : {sides['base']}\n  ablated: {sides['ablated']}")
+PY
 
 step "publish (dry run: shows the files and the model card, sends nothing)"
 ablation publish "$OUT/gemma-3-270m-abliterated" --repo-id you/gemma-3-270m-abliterated \
-  --dry-run -q | tail -n 12
+  --dry-run -q | tail -n 22
 
 step "artifacts"
 cat <<EOT

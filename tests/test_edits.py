@@ -125,10 +125,10 @@ def test_in_place_edit_does_not_allocate_a_copy():
     assert residue[1] == pytest.approx(edits.projection_residue(w, unit(32), 0)[1], abs=1e-6)
 
 
-def test_post_norm_direction_makes_residual_contribution_orthogonal():
+def test_norm_direction_makes_residual_contribution_orthogonal():
     r = unit(32).double()
     gamma = torch.randn(32).double()
-    d = directions.post_norm_direction(r, gamma, 1.0).double()
+    d = directions.norm_direction(r, gamma, 1.0).double()
     w = edits.project_out(
         torch.randn(32, 20, dtype=torch.float64), d, 0, EditSpec(1.0, True, torch.float64)
     )

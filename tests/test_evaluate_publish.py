@@ -67,23 +67,29 @@ def test_evaluate_kl_and_cache(ablated, tmp_path, monkeypatch):
     args = ["evaluate", "--base", base, "--max-new-tokens", "4", *prompt_files(tmp_path)]
     same = run_cli(*args, "--ablated", base, "-o", tmp_path / "self.json")
     assert same.exit_code == 0, same.output + same.stderr
-    assert json.loads((tmp_path / "self.json").read_text())["kl"]["mean"] == pytest.approx(
-        0.0, abs=1e-9
+    self_eval = json.loads((tmp_path / "self.json").read_text())
+    assert self_eval["kl"]["mean"] == pytest.approx(0.0, abs=1e-9)
+    assert self_eval["answer_kl"]["mean"] == pytest.approx(0.0, abs=1e-6)
+    assert (
+        self_eval["ablated"]["degenerate_harmless_rate"]
+        == (self_eval["base"]["degenerate_harmless_rate"])
     )
 
     calls = []
-    real = evaluate._side
-    monkeypatch.setattr(evaluate, "_side", lambda *a, **k: calls.append(a[-1]) or real(*a, **k))
+    real = evaluate._run_side
+    monkeypatch.setattr(evaluate, "_run_side", lambda *a, **k: calls.append(a[-1]) or real(*a, **k))
     res = run_cli(*args, "--ablated", out)
     assert res.exit_code == 0, res.output + res.stderr
     result = json.loads((out / "eval.json").read_text())
     assert result["kl"]["mean"] > 0
+    assert result["answer_kl"]["mean"] > 0 and result["answer_kl"]["tokens"] > 0
     assert result["base"]["n_harmful"] == len(HARMFUL_TEXT)
     assert set(result["ablated"]["separation"]) == {"0", "1", "2"}
     lines = (out / "eval_responses.jsonl").read_text().splitlines()
-    assert len(lines) == 2 * len(HARMFUL_TEXT)
+    assert len(lines) == 2 * (len(HARMFUL_TEXT) + len(HARMLESS_TEXT))
     assert {json.loads(x)["model"] for x in lines} == {"base", "ablated"}
     assert "refusal rate" in res.output and "KL(base || ablated)" in res.output
+    assert "KL along base answers" in res.output and "degenerate answers" in res.output
     assert calls == ["base", "ablated"]
     calls.clear()
     assert run_cli(*args, "--ablated", out).exit_code == 0
@@ -192,3 +198,62 @@ def test_ablate_push_to_hub(chat_checkpoint, job, tmp_path, monkeypatch):
     assert RecordingApi.calls[-1][0] == "upload_folder"
     bad = run_cli("ablate", orders, "--push-to-hub", "bad id", "--overwrite")
     assert bad.exit_code == 2 and "owner/name" in bad.stderr
+
+
+def test_repetition_and_degeneration_threshold():
+    assert refusals.repetition([1, 2, 3, 4, 5, 6]) == 0.0
+    assert refusals.repetition([7] * 12) == pytest.approx(9 / 10)  # 10 trigrams, 1 distinct
+    assert refusals.repetition([1, 2]) == 0.0
+    loop = [5, 6] * 10
+    assert refusals.is_degenerate(loop, refusals.degeneration_threshold([0.0, 0.1]))
+    # a base model that itself repeats a lot raises the bar
+    assert not refusals.is_degenerate(loop, refusals.degeneration_threshold([0.95] * 10))
+
+
+def test_binned_kl_is_a_lower_bound_of_the_full_kl():
+    g = torch.Generator().manual_seed(0)
+    p, q = torch.randn(6, 500, generator=g) * 3, torch.randn(6, 500, generator=g) * 3
+    full = analysis.kl_divergence(p, q)
+    lp, lq = torch.log_softmax(p.double(), -1), torch.log_softmax(q.double(), -1)
+    top = lp.topk(20, dim=-1).indices
+
+    def binned(x):
+        t = x.gather(-1, top)
+        return torch.cat([t, torch.log1p(-t.exp().sum(-1, keepdim=True))], -1)
+
+    kb = analysis.kl_binned(binned(lp), binned(lq))
+    assert (kb <= full + 1e-12).all() and (kb > 0).all()
+    assert analysis.kl_binned(binned(lp), binned(lp)).abs().max() < 1e-12
+
+
+@pytest.mark.parametrize(
+    ("model", "override", "config_name", "want"),
+    [
+        ("org/Name", None, None, "org/Name"),
+        ("/data/models--org--Name/snapshots/abc123", None, None, "org/Name"),
+        ("LOCAL", None, "org/FromConfig", "org/FromConfig"),
+        ("LOCAL", "me/Override", "org/FromConfig", "me/Override"),
+        ("LOCAL", None, None, None),
+        ("LOCAL", None, "/abs/path/model", None),
+    ],
+)
+def test_base_model_id_never_links_a_local_path(tmp_path, model, override, config_name, want):
+    d = tmp_path / "m"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"_name_or_path": config_name or ""}))
+    spec = str(d) if model == "LOCAL" else model
+    assert hub.hub_id(spec, d, override) == want
+    record = {
+        "base_model": spec,
+        "base_model_id": want,
+        "orders": {"layers": [], "method": "standard", "projected": False, "components": []},
+        "version": "0",
+        "counts_by_role": {},
+        "refuse": {"sha256": "0" * 64},
+    }
+    card = str(hub.model_card(record))
+    assert "huggingface.co//" not in card and "huggingface.co/" + str(tmp_path) not in card
+    if want:
+        assert f"base_model: {want}" in card and f"https://huggingface.co/{want}" in card
+    else:
+        assert "base_model:" not in card

@@ -55,11 +55,14 @@ def test_cli_overrides_replace_file_values(tmp_path):
         (BASE + "methd: standard\nablate:\n  - layer: 1\n", r"o.yaml:4: methd: unknown key"),
         (
             BASE + "ablate:\n  - layer: 1\n  - layers: 0-3\n",
-            r"o.yaml:6: layer 1 is ordered twice \(also at line 5\)",
+            r"o.yaml:6: layer 1 is ordered twice for attn_out \(also at line 5\)",
         ),
         (BASE + "ablate:\n  - layer: 1\n    sparsity: 1.5\n", r"o.yaml:6: ablate.0.sparsity"),
         (BASE + "scale: .nan\nablate:\n  - layer: 1\n", r"o.yaml:4: scale"),
-        (BASE + "ablate:\n  - layer: 1\n    layers: 2-3\n", r"exactly one of 'layer' or 'layers'"),
+        (
+            BASE + "ablate:\n  - layer: 1\n    layers: 2-3\n",
+            r"exactly one of 'layer', 'layers' or 'kernel'",
+        ),
         (BASE + "ablate:\n  - layers: 5-2\n", r"bad layer range '5-2'"),
         (BASE + "method: fancy\nablate:\n  - layer: 1\n", r"o.yaml:4: method"),
         (BASE + "components: [attn_out, mlp]\nablate:\n  - layer: 1\n", r"o.yaml:4: components.1"),

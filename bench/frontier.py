@@ -1,0 +1,242 @@
+#!/usr/bin/env python3
+"""Benchmark: the refusal / damage frontier of the edit options on a refusing model.
+
+Every configuration is ordinary marching orders (a YAML body), planned against the checkpoint
+by the rewriter's own planner (`rewrite.build_plan`) and applied to the loaded model in memory
+with the rewriter's kernels (`live.apply`), so a point here is the edit `sharded_ablate.py`
+writes. Each point is scored with `evaluate`'s functions on the held-out built-in prompts:
+refusal rate and "answered" rate (no refusal, not degenerate) on harmful prompts, first-token
+KL and per-token KL along the base's own answers on harmless prompts, and degeneration against
+the base model's own level. Nothing here trains or tunes on the held-out prompts.
+
+Configurations are placed relative to what `analyze` suggests (its measurement layer m and
+window lo-hi), so the grid reads the same on another model.
+
+usage: python bench/frontier.py --model DIR --refuse FILE [--out bench/results_frontier.json]
+                                [--max-new-tokens 24] [--only NAME ...] [--plot PNG]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import yaml
+
+
+def grid(m: int, lo: int, hi: int, n: int) -> dict[str, dict]:
+    """name -> orders body (everything but model / measurements / output)."""
+    writers = ["attn_out", "mlp_out", "experts", "shared_experts"]
+    after = f"{m + 1}-{n - 1}"
+    g = {
+        # what earlier tools do by default: one direction, every layer, the plain edit
+        "conventional: 1 dir all layers, standard": dict(
+            method="standard",
+            projected=False,
+            components=writers,
+            ablate=[{"layers": f"1-{n - 1}", "measurement": m}],
+        ),
+        "writers window, norm-preserving (old default)": dict(
+            components=["writers", "router"], ablate=[{"layers": f"{lo}-{hi}", "measurement": m}]
+        ),
+        "writers window, per-layer directions": dict(
+            components=["writers", "router"], ablate=[{"layers": f"{lo}-{hi}"}]
+        ),
+        "writers m..end, one direction": dict(
+            components=["writers", "router"], ablate=[{"layers": f"{m}-{n - 1}", "measurement": m}]
+        ),
+        "writers 1..end, one direction, standard": dict(
+            method="standard",
+            components=writers,
+            ablate=[{"layers": f"1-{n - 1}", "measurement": m}],
+        ),
+        "readers after m": dict(
+            components=["readers"], ablate=[{"layers": after, "measurement": m}]
+        ),
+        "readers after m, per-layer": dict(components=["readers"], ablate=[{"layers": after}]),
+        "readers after m + writers window": dict(
+            ablate=[
+                {"layers": f"{lo}-{hi}", "measurement": m, "components": ["writers", "router"]},
+                {"layers": after, "measurement": m, "components": ["readers"]},
+            ]
+        ),
+        "readers after m + writers m..end": dict(
+            ablate=[
+                {"layers": f"{m}-{n - 1}", "measurement": m, "components": ["writers", "router"]},
+                {"layers": after, "measurement": m, "components": ["readers"]},
+            ]
+        ),
+        "readers from window start": dict(
+            components=["readers"], ablate=[{"layers": f"{lo}-{n - 1}", "measurement": m}]
+        ),
+        "readers after m, 2 directions": dict(
+            components=["readers"], directions=2, ablate=[{"layers": after, "measurement": m}]
+        ),
+        "readers after m, 4 directions": dict(
+            components=["readers"], directions=4, ablate=[{"layers": after, "measurement": m}]
+        ),
+        "writers window, 4 directions": dict(
+            components=["writers", "router"],
+            directions=4,
+            ablate=[{"layers": f"{lo}-{hi}", "measurement": m}],
+        ),
+        "readers after m, rows 0.25": dict(
+            components=["readers"], rows=0.25, ablate=[{"layers": after, "measurement": m}]
+        ),
+        "writers window, rows 0.1": dict(
+            components=["writers", "router"],
+            rows=0.1,
+            ablate=[{"layers": f"{lo}-{hi}", "measurement": m}],
+        ),
+        "readers, kernel at m": dict(
+            components=["readers"],
+            ablate=[
+                {
+                    "kernel": {
+                        "peak": min(n - 1, m + (n - m) // 2),
+                        "width": (n - m) // 2,
+                        "max_scale": 1.0,
+                        "min_scale": 0.5,
+                    },
+                    "measurement": m,
+                }
+            ],
+        ),
+        "readers after m, standard": dict(
+            method="standard", components=["readers"], ablate=[{"layers": after, "measurement": m}]
+        ),
+    }
+    return g
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", type=Path, required=True)
+    ap.add_argument("--refuse", type=Path, required=True)
+    ap.add_argument("--out", type=Path, default=Path("bench/results_frontier.json"))
+    ap.add_argument("--plot", type=Path, default=None)
+    ap.add_argument("--max-new-tokens", type=int, default=24)
+    ap.add_argument("--batch-size", type=int, default=32)
+    ap.add_argument("--only", nargs="*", default=None, help="run only these configurations")
+    ap.add_argument("--extra", type=Path, help="YAML mapping name -> orders body, added")
+    args = ap.parse_args()
+
+    import torch
+
+    from ablation import activations, analysis, evaluate, live, orders, prompts, refuse, rewrite
+
+    torch.manual_seed(0)
+    meas = refuse.load(args.refuse)
+    s = analysis.suggest_orders(analysis.layer_metrics(meas))
+    n = len(meas.layers)
+    configs = grid(s.measurement, s.layers[0], s.layers[1], n)
+    if args.extra:
+        configs.update(yaml.safe_load(args.extra.read_text()))
+    if args.only:
+        configs = {k: v for k, v in configs.items() if k in args.only}
+    model, tok = activations.load_model(str(args.model), "auto", "cpu")
+    harmful = prompts.builtin("harmful", "eval")
+    harmless = prompts.builtin("harmless", "eval")
+    h_ids, _ = activations.encode(tok, harmful)
+    l_ids, _ = activations.encode(tok, harmless)
+    kw = dict(max_new_tokens=args.max_new_tokens, batch_size=args.batch_size)
+    t0 = time.perf_counter()
+    base = evaluate.score_model(model, tok, h_ids, l_ids, label="base", **kw)
+    print(f"base scored in {time.perf_counter() - t0:.0f} s", file=sys.stderr)
+    results = []
+    tmp = Path(tempfile.mkdtemp())
+    for name, body in configs.items():
+        doc = {
+            "model": str(args.model),
+            "measurements": str(args.refuse),
+            "output": str(tmp / "unused"),
+            **body,
+        }
+        path = tmp / "orders.yaml"
+        path.write_text(yaml.safe_dump(doc, sort_keys=False))
+        plan = rewrite.build_plan(orders.load(path), args.model, args.refuse)
+        t = time.perf_counter()
+        saved = live.apply(model, plan)
+        side = evaluate.score_model(model, tok, h_ids, l_ids, base=base, label=name[:20], **kw)
+        live.undo(model, saved)
+        c = evaluate.compare(base, side, tok)
+        a = c["ablated"]
+        row = {
+            "name": name,
+            "orders": body,
+            "edited_tensors": len(plan.edits),
+            "refusal_rate": a["refusal_rate"],
+            "compliance_rate": a["compliance_rate"],
+            "kl_first_token": c["kl"]["mean"],
+            "kl_answer": c["answer_kl"]["mean"],
+            "degenerate_harmless": a["degenerate_harmless_rate"],
+            "degenerate_harmful": a["degenerate_harmful_rate"],
+            "base_degenerate_harmless": c["base"]["degenerate_harmless_rate"],
+            "seconds": time.perf_counter() - t,
+            "examples": [r["response"] for r in a["responses"][:3]],
+        }
+        results.append(row)
+        print(
+            f"{name:48} refuse {row['refusal_rate']:6.1%} answered {row['compliance_rate']:6.1%} "
+            f"KL1 {row['kl_first_token']:.3f} KLans {row['kl_answer']:.3f} "
+            f"degen {row['degenerate_harmless']:.1%}/{row['degenerate_harmful']:.1%} "
+            f"({row['seconds']:.0f}s)",
+            flush=True,
+        )
+    b = evaluate.summarize(base, tok, evaluate.compare(base, base, tok)["degeneration_threshold"])
+    out = {
+        "model": str(args.model),
+        "refuse": str(args.refuse),
+        "suggestion": {"measurement": s.measurement, "window": list(s.layers)},
+        "base": {
+            k: b[k]
+            for k in (
+                "refusal_rate",
+                "compliance_rate",
+                "degenerate_harmless_rate",
+                "degenerate_harmful_rate",
+            )
+        },
+        "max_new_tokens": args.max_new_tokens,
+        "points": results,
+    }
+    args.out.write_text(json.dumps(out, indent=2) + "\n")
+    if args.plot:
+        plot(out, args.plot)
+    return 0
+
+
+def plot(out: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    pts = out["points"]
+    sc = ax.scatter(
+        [p["kl_answer"] for p in pts],
+        [p["refusal_rate"] for p in pts],
+        c=[p["degenerate_harmful"] for p in pts],
+        cmap="viridis",
+        vmin=0,
+        vmax=1,
+        s=40,
+    )
+    for p in pts:
+        ax.annotate(p["name"][:34], (p["kl_answer"], p["refusal_rate"]), fontsize=6)
+    ax.set_xscale("symlog", linthresh=0.01)
+    ax.set_xlabel("KL per token along the base's harmless answers")
+    ax.set_ylabel("held-out harmful refusal rate")
+    fig.colorbar(sc, label="degenerate answers (harmful)")
+    ax.set_title(f"refusal / damage frontier, {Path(out['model']).name}")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
