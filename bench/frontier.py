@@ -28,89 +28,85 @@ from pathlib import Path
 import yaml
 
 
-def grid(m: int, lo: int, hi: int, n: int) -> dict[str, dict]:
-    """name -> orders body (everything but model / measurements / output)."""
+def old_suggestion(metrics) -> tuple[int, int, int]:
+    """The rule analyze used before reader-side orders (kept here as a baseline): the
+    best-scoring layer away from the edges, and the contiguous window around it whose
+    separation stays at least half of the best's."""
+    n = len(metrics)
+    margin = max(1, round(0.1 * n))
+    inner = [m for m in metrics if margin <= m.layer <= n - 1 - margin] or metrics
+    best = max(inner, key=lambda m: (m.score, -m.layer))
+    by_layer = {m.layer: m for m in inner}
+    floor = 0.5 * best.separation
+
+    def strong(layer: int) -> bool:
+        return layer in by_layer and by_layer[layer].separation >= floor
+
+    lo = hi = best.layer
+    while strong(lo - 1):
+        lo -= 1
+    while strong(hi + 1):
+        hi += 1
+    return best.layer, lo, hi
+
+
+def grid(m: int, old: tuple[int, int, int], n: int) -> dict[str, dict]:
+    """name -> orders body (everything but model / measurements / output). m: the measurement
+    analyze --emit-orders picks now; old: (measurement, lo, hi) of the earlier rule."""
     writers = ["attn_out", "mlp_out", "experts", "shared_experts"]
-    after = f"{m + 1}-{n - 1}"
-    g = {
-        # what earlier tools do by default: one direction, every layer, the plain edit
-        "conventional: 1 dir all layers, standard": dict(
+    om, lo, hi = old
+    rd = ["readers", "router"]
+    end = n - 1
+    return {
+        "conventional: 1 direction, all layers, standard": dict(
             method="standard",
             projected=False,
             components=writers,
-            ablate=[{"layers": f"1-{n - 1}", "measurement": m}],
+            ablate=[{"layers": f"1-{end}", "measurement": om}],
         ),
-        "writers window, norm-preserving (old default)": dict(
-            components=["writers", "router"], ablate=[{"layers": f"{lo}-{hi}", "measurement": m}]
+        "earlier default: writers of a window, norm-preserving": dict(
+            components=[*writers, "router"], ablate=[{"layers": f"{lo}-{hi}", "measurement": om}]
         ),
-        "writers window, per-layer directions": dict(
-            components=["writers", "router"], ablate=[{"layers": f"{lo}-{hi}"}]
+        "writers m..end": dict(
+            components=[*writers, "router"], ablate=[{"layers": f"{m}-{end}", "measurement": m}]
         ),
-        "writers m..end, one direction": dict(
-            components=["writers", "router"], ablate=[{"layers": f"{m}-{n - 1}", "measurement": m}]
+        "DEFAULT: readers m..end": dict(
+            components=rd, ablate=[{"layers": f"{m}-{end}", "measurement": m}]
         ),
-        "writers 1..end, one direction, standard": dict(
-            method="standard",
-            components=writers,
-            ablate=[{"layers": f"1-{n - 1}", "measurement": m}],
+        "readers m-1..end": dict(
+            components=rd, ablate=[{"layers": f"{m - 1}-{end}", "measurement": m}]
         ),
-        "readers after m": dict(
-            components=["readers"], ablate=[{"layers": after, "measurement": m}]
+        "readers m+1..end": dict(
+            components=rd, ablate=[{"layers": f"{m + 1}-{end}", "measurement": m}]
         ),
-        "readers after m, per-layer": dict(components=["readers"], ablate=[{"layers": after}]),
-        "readers after m + writers window": dict(
-            ablate=[
-                {"layers": f"{lo}-{hi}", "measurement": m, "components": ["writers", "router"]},
-                {"layers": after, "measurement": m, "components": ["readers"]},
-            ]
+        "readers m..end, per-layer directions": dict(
+            components=rd, ablate=[{"layers": f"{m}-{end}"}]
         ),
-        "readers after m + writers m..end": dict(
-            ablate=[
-                {"layers": f"{m}-{n - 1}", "measurement": m, "components": ["writers", "router"]},
-                {"layers": after, "measurement": m, "components": ["readers"]},
-            ]
+        "readers m..end, measured at the old layer": dict(
+            components=rd, ablate=[{"layers": f"{m}-{end}", "measurement": om}]
         ),
-        "readers from window start": dict(
-            components=["readers"], ablate=[{"layers": f"{lo}-{n - 1}", "measurement": m}]
+        "readers + writers m..end": dict(
+            components=[*rd, *writers], ablate=[{"layers": f"{m}-{end}", "measurement": m}]
         ),
-        "readers after m, 2 directions": dict(
-            components=["readers"], directions=2, ablate=[{"layers": after, "measurement": m}]
+        "readers m..end, 2 directions": dict(
+            components=rd, directions=2, ablate=[{"layers": f"{m}-{end}", "measurement": m}]
         ),
-        "readers after m, 4 directions": dict(
-            components=["readers"], directions=4, ablate=[{"layers": after, "measurement": m}]
+        "readers m..end, rows 0.25": dict(
+            components=rd, rows=0.25, ablate=[{"layers": f"{m}-{end}", "measurement": m}]
         ),
-        "writers window, 4 directions": dict(
-            components=["writers", "router"],
-            directions=4,
-            ablate=[{"layers": f"{lo}-{hi}", "measurement": m}],
+        "readers m..end, scale 0.75": dict(
+            components=rd, scale=0.75, ablate=[{"layers": f"{m}-{end}", "measurement": m}]
         ),
-        "readers after m, rows 0.25": dict(
-            components=["readers"], rows=0.25, ablate=[{"layers": after, "measurement": m}]
-        ),
-        "writers window, rows 0.1": dict(
-            components=["writers", "router"],
-            rows=0.1,
-            ablate=[{"layers": f"{lo}-{hi}", "measurement": m}],
-        ),
-        "readers, kernel at m": dict(
-            components=["readers"],
+        "readers, kernel peak m+2 width 3": dict(
+            components=rd,
             ablate=[
                 {
-                    "kernel": {
-                        "peak": min(n - 1, m + (n - m) // 2),
-                        "width": (n - m) // 2,
-                        "max_scale": 1.0,
-                        "min_scale": 0.5,
-                    },
+                    "kernel": {"peak": min(end, m + 2), "width": 3, "min_scale": 0.5},
                     "measurement": m,
                 }
             ],
         ),
-        "readers after m, standard": dict(
-            method="standard", components=["readers"], ablate=[{"layers": after, "measurement": m}]
-        ),
     }
-    return g
 
 
 def main() -> int:
@@ -131,9 +127,11 @@ def main() -> int:
 
     torch.manual_seed(0)
     meas = refuse.load(args.refuse)
-    s = analysis.suggest_orders(analysis.layer_metrics(meas))
+    metrics = analysis.layer_metrics(meas)
+    s = analysis.suggest_orders(metrics)
     n = len(meas.layers)
-    configs = grid(s.measurement, s.layers[0], s.layers[1], n)
+    old = old_suggestion(metrics)
+    configs = grid(s.measurement, old, n)
     if args.extra:
         configs.update(yaml.safe_load(args.extra.read_text()))
     if args.only:
@@ -192,6 +190,7 @@ def main() -> int:
         "model": str(args.model),
         "refuse": str(args.refuse),
         "suggestion": {"measurement": s.measurement, "window": list(s.layers)},
+        "earlier_suggestion": {"measurement": old[0], "window": [old[1], old[2]]},
         "base": {
             k: b[k]
             for k in (
@@ -205,9 +204,29 @@ def main() -> int:
         "points": results,
     }
     args.out.write_text(json.dumps(out, indent=2) + "\n")
+    print("\n".join(markdown(out)))
     if args.plot:
         plot(out, args.plot)
     return 0
+
+
+def markdown(out: dict) -> list[str]:
+    """The frontier as a README table."""
+    b = out["base"]
+    rows = [
+        "| orders | refusals | answered | 1st-token KL | answer KL "
+        "| degenerate (harmless / harmful) |",
+        "|---|---|---|---|---|---|",
+        f"| (base model) | {b['refusal_rate']:.1%} | {b['compliance_rate']:.1%} | - | - | "
+        f"{b['degenerate_harmless_rate']:.1%} / {b['degenerate_harmful_rate']:.1%} |",
+    ]
+    for p in out["points"]:
+        rows.append(
+            f"| {p['name']} | {p['refusal_rate']:.1%} | {p['compliance_rate']:.1%} | "
+            f"{p['kl_first_token']:.3f} | {p['kl_answer']:.3f} | "
+            f"{p['degenerate_harmless']:.1%} / {p['degenerate_harmful']:.1%} |"
+        )
+    return rows
 
 
 def plot(out: dict, path: Path) -> None:
