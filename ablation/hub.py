@@ -12,6 +12,7 @@ from huggingface_hub import HfApi, ModelCard, ModelCardData, get_token, snapshot
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import HfHubHTTPError, LocalEntryNotFoundError
 
+from ablation.architecture import READERS
 from ablation.errors import AblationError
 
 LOG = logging.getLogger(__name__)
@@ -126,11 +127,11 @@ def model_card(
             if base_id
             else f"`{Path(base).name}`"
         )
-        + " "
-        f"with ablation {record['version']}: a {orders['method']} edit "
-        f"({'biprojected' if orders['projected'] else 'plain'} direction) of "
-        f"{', '.join(orders['components'])}, streamed shard by shard through the "
-        "safetensors checkpoint.",
+        + f" with ablation {record['version']} ("
+        + ("biprojected" if orders["projected"] else "plain")
+        + " direction): "
+        + _what_was_edited(orders)
+        + ", streamed shard by shard through the safetensors checkpoint.",
         f"Edited tensors by role: {edited}.",
         "| layer | measurement | scale | sparsity | components | directions | rows |\n"
         f"|---|---|---|---|---|---|---|\n{rows}",
@@ -164,6 +165,23 @@ def model_card(
         )
     sections.append("The full record (resolved orders, every edited tensor) is in `ablation.json`.")
     return ModelCard(f"---\n{data.to_yaml()}\n---\n\n" + "\n\n".join(sections) + "\n")
+
+
+def _what_was_edited(orders: dict) -> str:
+    """Readers get the exact input-side edit whatever the method; say so."""
+    used = {c for o in orders["layers"] for c in o.get("components", orders["components"])}
+    used |= set(orders["components"]) & {"embed"}
+    readers = [c for c in (*READERS, "router") if c in used]
+    writers = sorted(used - set(readers))
+    parts = []
+    if writers:
+        parts.append(f"a {orders['method']} edit of the writers ({', '.join(writers)})")
+    if readers:
+        parts.append(
+            f"an input-side edit of the readers ({', '.join(readers)}), which stop reading "
+            "the direction"
+        )
+    return " and ".join(parts) or "no tensor"
 
 
 PUBLISH_SKIP = (".ablation-progress.json",)
