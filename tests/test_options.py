@@ -275,3 +275,63 @@ def test_readers_on_a_layer_without_readers_is_an_error(checkpoint, tmp_path):
     res = run_cli("ablate", p)
     assert res.exit_code == 2
     assert "no attn_in or mlp_in or experts_in tensor found" in res.stderr
+
+
+@pytest.mark.parametrize(
+    "family",
+    [
+        "llama",
+        "qwen2_moe",
+        "qwen3_moe",
+        "qwen3_next",
+        "mixtral",
+        "deepseek_v3",
+        "glm4_moe",
+        "gpt_oss",
+        "llama4_text",
+    ],
+)
+def test_readers_of_every_family_are_blind_to_r(family, checkpoint, tmp_path):
+    """Every reader of every layer (attention, MLP, routed and shared experts, routers) is
+    found, edited, and then maps g * r (the direction as it arrives through its norm) to 0."""
+    model_dir = checkpoint(family)
+    n = num_layers_of(model_dir)
+    r = torch.nn.functional.normalize(
+        torch.randn(HIDDEN, generator=torch.Generator().manual_seed(9)), dim=0
+    )
+    refuse.save(tmp_path / "m.refuse", make_measurements(n, HIDDEN, direction=r))
+    p = _orders(
+        tmp_path,
+        model_dir,
+        tmp_path / "m.refuse",
+        projected=False,
+        components=["readers", "router"],
+        ablate=[{"layers": f"0-{n - 1}", "measurement": 0}],
+    )
+    res = run_cli("ablate", p)
+    assert res.exit_code == 0, res.output + res.stderr
+    assert run_cli("verify", tmp_path / "out", "--orders", p).exit_code == 0
+    plan = rewrite.build_plan(orders.load(p), model_dir, tmp_path / "m.refuse")
+    roles = plan.counts_by_role()
+    assert roles.get("attn_in", 0) >= n and (roles.get("mlp_in", 0) or roles.get("expert_in"))
+    params, old = _tensors(tmp_path / "out"), _tensors(model_dir)  # names as on disk
+    offset = plan.arch.family.norm_offset
+    for e in plan.edits:
+        g = offset + old[e.target.norm].double() if e.target.norm else 1.0
+        w = params[e.target.name].double().movedim(e.target.hidden_axis, -1)
+        w0 = old[e.target.name].double().movedim(e.target.hidden_axis, -1)
+        gr = g * r.double()
+        assert (w @ gr).abs().max() <= 1e-5 * (w0 @ gr).abs().max(), e.target.name
+    after = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").eval()
+    ids = torch.randint(0, 128, (2, 7), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        assert torch.isfinite(after(ids).logits).all()
+
+
+def _tensors(model_dir) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    out: dict[str, torch.Tensor] = {}
+    for f in sorted(model_dir.glob("*.safetensors")):
+        out.update(load_file(f))
+    return out
