@@ -89,15 +89,19 @@ def project_out_(
     orthonormal rows (k = 1: v' = v - s (v.d) d); with norm preservation v' is then rescaled to
     |v|. The new norm is known without another pass, |v - s Q^T c|^2 = |v|^2 - (2s - s^2)|c|^2
     with c = Q v, so each chunk is read once, updated by one rank-k step and one scaling, and
-    written back. With spec.rows < 1 only the vectors with the largest |Q v| are edited; the
-    others keep their exact bytes (c = 0 for them: no change, factor exactly 1). Returns the
-    residue (max |Q v'|, max |Q v'| / |v'|) of the values as stored, after the cast back."""
+    written back. A (read, write) pair d [2, k, hidden] (directions.reader_projection) gives
+    the oblique v' = v - s P^T Q v instead: a reader's exact input-side edit, which keeps no
+    norms. With spec.rows < 1 only the vectors with the largest |Q v| are edited; the others
+    keep their exact bytes (c = 0 for them: no change, factor exactly 1). Returns the residue
+    (max |Q v'|, max |Q v'| / |v'|) of the values as stored, after the cast back."""
     if not w.is_contiguous():
         raise ValueError("project_out_ needs a contiguous tensor")
     read, write = _pair(d)
-    if write is not None:
-        return _oblique_(w, read, write, axis, spec)
+    oblique = write is not None
+    if oblique and spec.norm_preserving:
+        raise ValueError("an oblique (reader) edit cannot preserve norms")
     q = read.to(device=w.device, dtype=spec.compute_dtype)  # [k, hidden]
+    p = write.to(device=w.device, dtype=spec.compute_dtype) if oblique else q  # [k, hidden]
     mask = _selected_rows(w, q, axis, spec) if spec.rows < 1.0 else None
     seen = 0
     worst = torch.zeros(2, dtype=spec.compute_dtype, device=w.device)  # no device sync per chunk
@@ -109,19 +113,21 @@ def project_out_(
         seen += coef.shape[0]
         sq = (x * x).sum(dim=hd)  # [n]; faster than x.square() or a strided vector_norm
         new_sq = (sq - (2 * spec.scale - spec.scale**2) * coef.square().sum(dim=1)).clamp_min(0)
-        if q.shape[0] == 1:  # rank 1: an outer-product update, the common case
+        if p.shape[0] == 1:  # rank 1: an outer-product update, the common case
             if hd == 1:
-                x.addr_(coef[:, 0], q[0], alpha=-spec.scale)  # x -= s * coef ⊗ d
+                x.addr_(coef[:, 0], p[0], alpha=-spec.scale)  # x -= s * coef ⊗ p
             else:
-                x.addr_(q[0], coef[:, 0], alpha=-spec.scale)  # x -= s * d ⊗ coef
+                x.addr_(p[0], coef[:, 0], alpha=-spec.scale)  # x -= s * p ⊗ coef
         elif hd == 1:
-            x.addmm_(coef, q, alpha=-spec.scale)  # [n, hidden] -= s [n, k] @ [k, hidden]
+            x.addmm_(coef, p, alpha=-spec.scale)  # [n, hidden] -= s [n, k] @ [k, hidden]
         else:
-            x.addmm_(q.T, coef.T, alpha=-spec.scale)  # [hidden, n] -= s [hidden, k] @ [k, n]
+            x.addmm_(p.T, coef.T, alpha=-spec.scale)  # [hidden, n] -= s [hidden, k] @ [k, n]
         if spec.norm_preserving:
             factor = torch.where(new_sq > TINY, (sq / new_sq.clamp_min(TINY)).sqrt(), 0.0)
             x.mul_(factor.unsqueeze(hd))
             new_sq = sq
+        elif oblique:  # the analytic norm holds for orthogonal projections only
+            new_sq = (x * x).sum(dim=hd)
         view.copy_(x)
         # what is left along Q in the stored values, relative to the (known) new norms
         left = _coef(view.to(spec.compute_dtype), q, hd).square().sum(dim=1).sqrt()  # [n]
@@ -133,42 +139,6 @@ def project_out_(
             floor = (1e-3 * sq.sqrt()).clamp_min(TINY)
             rel = left / torch.maximum(new_sq.sqrt(), floor)
             worst = torch.maximum(worst, torch.stack([left.max(), rel.max()]))
-    worst_abs, worst_rel = worst.tolist()
-    return worst_abs, worst_rel
-
-
-def _oblique_(
-    w: torch.Tensor, read: torch.Tensor, write: torch.Tensor, axis: int, spec: EditSpec
-) -> tuple[float, float]:
-    """v' = v - s (Q v) . P for every vector v (a reader's row): the exact input-side edit
-    built by directions.reader_projection, with Q orthonormal and P the matching write basis.
-    Norms are not preserved (it is not a rotation of v); rows < 1 selects by |Q v| as above."""
-    q = read.to(device=w.device, dtype=spec.compute_dtype)  # [k, hidden]
-    p = write.to(device=w.device, dtype=spec.compute_dtype)  # [k, hidden]
-    mask = _selected_rows(w, q, axis, spec) if spec.rows < 1.0 else None
-    seen = 0
-    worst = torch.zeros(2, dtype=spec.compute_dtype, device=w.device)
-    for view, hd in _chunks(w, axis):
-        x = view.to(spec.compute_dtype, copy=True)
-        coef = _coef(x, q, hd)  # [n, k]
-        if mask is not None:
-            coef = coef * mask[seen : seen + coef.shape[0]].unsqueeze(1)
-        seen += coef.shape[0]
-        if hd == 1:
-            x.addmm_(coef, p, alpha=-spec.scale)  # [n, hidden] -= s [n, k] @ [k, hidden]
-        else:
-            x.addmm_(p.T, coef.T, alpha=-spec.scale)  # [hidden, n] -= s [hidden, k] @ [k, n]
-        view.copy_(x)
-        stored = view.to(spec.compute_dtype)
-        left = _coef(stored, q, hd).square().sum(dim=1).sqrt()  # [n]
-        norms = (stored * stored).sum(dim=hd).sqrt()  # [n]
-        if mask is not None:
-            keep = mask[seen - coef.shape[0] : seen]
-            left, norms = left[keep], norms[keep]
-        if left.numel():
-            worst = torch.maximum(
-                worst, torch.stack([left.max(), (left / norms.clamp_min(TINY)).max()])
-            )
     worst_abs, worst_rel = worst.tolist()
     return worst_abs, worst_rel
 
