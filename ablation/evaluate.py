@@ -23,6 +23,7 @@ from ablation.rewrite import RECORD
 
 LOG = logging.getLogger(__name__)
 KL_DAMAGE = 0.5
+CACHE_FORMAT = 2  # bump when what a cached base side holds changes
 
 
 @dataclass
@@ -111,7 +112,8 @@ def score_model(
             model, harmless_ids, pad, batch_size, max_new_tokens, bar.update
         )
         logits = activations.next_token_logits(model, harmless_ids, pad, batch_size, bar.update)
-        forced = base.harmless_answers if base is not None else harmless_new
+        answers = base.harmless_answers if base is not None else harmless_new
+        forced = [_through_stop(a, tok) for a in answers]  # what follows the end is padding
         lp, bins = activations.answer_logprobs(
             model,
             harmless_ids,
@@ -137,10 +139,15 @@ def score_model(
 
 def _strip(ids: list[int], tok) -> list[int]:
     """Answer ids up to (not including) the first end-of-turn / EOS token."""
+    return _through_stop(ids, tok, keep_stop=False)
+
+
+def _through_stop(ids: list[int], tok, keep_stop: bool = True) -> list[int]:
+    """Answer ids up to the first end-of-turn / EOS token (included when keep_stop)."""
     stops = set(_stop_ids(tok))
     for i, t in enumerate(ids):
         if t in stops:
-            return ids[:i]
+            return ids[: i + 1] if keep_stop else ids[:i]
     return ids
 
 
@@ -202,16 +209,15 @@ def compare(base: Side, ablated: Side, tok) -> dict:
     pairs = [
         (b, a) for b, a in zip(base.answer_logprobs, ablated.answer_logprobs, strict=True) if len(b)
     ]
-    per_token = torch.cat([analysis.kl_binned(b, a) for b, a in pairs]) if pairs else torch.zeros(1)
+    per_answer = [analysis.kl_binned(b, a) for b, a in pairs]  # [answer length] each
+    per_token = torch.cat(per_answer) if per_answer else torch.zeros(1)
     return {
         "base": summarize(base, tok, threshold),
         "ablated": summarize(ablated, tok, threshold),
         "kl": {"mean": kl.mean().item(), "max": kl.max().item(), "n_harmless": len(kl)},
         "answer_kl": {
             "mean": per_token.mean().item(),
-            "max_answer": max(
-                (analysis.kl_binned(b, a).mean().item() for b, a in pairs), default=0.0
-            ),
+            "max_answer": max((k.mean().item() for k in per_answer), default=0.0),
             "tokens": int(per_token.numel()),
             "bins": activations.TOP_BINS + 1,
         },
@@ -278,6 +284,7 @@ def run(opts: EvalOptions) -> dict:
             "harmless": harmless,
             "settings": settings,
             "probes": {k: v.tolist() for k, v in probes.items()},
+            "cache_format": CACHE_FORMAT,
         },
         sort_keys=True,
     )
