@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import shutil
 import sys
 from collections.abc import Callable
 from pathlib import Path
