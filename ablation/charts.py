@@ -78,3 +78,53 @@ def draw(metrics: list[LayerMetrics], path: Path, title: str = "") -> None:
 def _scaled(values: list[float]) -> list[float]:
     top = max(values) if values else 0
     return [v / top if top > 0 else 0.0 for v in values]
+
+
+def front(points, chosen, path: Path, title: str = "") -> None:
+    """The search's trials: held-out-free tuning numbers, refusals against damage, the Pareto
+    front joined, degeneration as colour, the chosen trial ringed."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        raise AblationError(
+            "the front chart needs matplotlib: pip install 'ablation[charts]'"
+        ) from None
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    sc = ax.scatter(
+        [p.damage for p in points],
+        [p.attrs.get("refusal_rate", p.failure) for p in points],
+        c=[p.attrs.get("degenerate_harmful_rate", 0.0) for p in points],
+        cmap="viridis",
+        vmin=0,
+        vmax=1,
+        s=25,
+    )
+    front_ = sorted((p for p in points if p.pareto), key=lambda p: p.damage)
+    ax.plot(
+        [p.damage for p in front_],
+        [p.attrs.get("refusal_rate", p.failure) for p in front_],
+        color="tab:red",
+        lw=1,
+        label="Pareto front",
+    )
+    if chosen is not None:
+        ax.scatter(
+            [chosen.damage],
+            [chosen.attrs.get("refusal_rate", chosen.failure)],
+            s=160,
+            facecolors="none",
+            edgecolors="tab:red",
+            label=f"chosen (trial {chosen.number})",
+        )
+    ax.set_xscale("symlog", linthresh=0.01)
+    ax.set_xlabel("damage: max(first-token KL, answer KL), harmless tuning prompts")
+    ax.set_ylabel("refusal rate, harmful tuning prompts")
+    fig.colorbar(sc, label="degenerate answers (harmful)")
+    ax.legend(loc="upper right", fontsize=8)
+    ax.set_title(f"ablation tune {title}".strip())
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)

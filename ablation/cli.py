@@ -15,6 +15,7 @@ import torch
 from ablation import __version__, analysis, demo_model, hub, orders, refuse, report, rewrite, verify
 from ablation import evaluate as evaluate_mod
 from ablation import measure as measure_mod
+from ablation import tune as tune_mod
 from ablation.activations import POSITIONS
 from ablation.errors import AblationError
 from ablation.hub import resolve_model
@@ -444,6 +445,65 @@ def evaluate(**kwargs: Any) -> None:
         click.echo(line)
     click.echo(f"eval       {result['files']['eval']}")
     click.echo(f"responses  {result['files']['responses']}")
+
+
+@main.command()
+@click.option("--model", required=True, help="Local checkpoint directory or Hub repo id.")
+@click.option(
+    "--measurements",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="The model's .refuse file.",
+)
+@click.option(
+    "-o",
+    "--output",
+    required=True,
+    type=click.Path(path_type=Path),
+    help="Folder for orders.yaml, front.json/png, summary.txt (and the study).",
+)
+@click.option("--trials", type=int, default=60, show_default=True, help="Trials in the study.")
+@click.option("--timeout", type=float, help="Stop starting trials after this many seconds.")
+@click.option(
+    "--space", type=click.Path(path_type=Path), help="Search space YAML (default: built in)."
+)
+@click.option("--storage", help="Optuna storage URL (default: sqlite:///OUTPUT/study.db).")
+@click.option("--study-name", default="ablation-tune", show_default=True)
+@click.option("--resume", is_flag=True, help="Continue (or join) the study in the storage.")
+@click.option(
+    "--max-kl",
+    type=float,
+    default=tune_mod.TuneOptions.max_kl,
+    show_default=True,
+    help="Damage bound for the written orders: max(first-token KL, answer KL).",
+)
+@click.option("--max-new-tokens", type=int, default=16, show_default=True)
+@_run_options("tune")
+@click.option(
+    "--no-held-out",
+    "held_out",
+    flag_value=False,
+    default=True,
+    help="Skip scoring the chosen orders on the held-out split.",
+)
+@click.option("--target", help="The output folder the written orders name.")
+@click.option(
+    "--heartbeat",
+    type=click.IntRange(min=1),
+    default=tune_mod.TuneOptions.heartbeat,
+    show_default=True,
+    help="Seconds between a worker's heartbeats; a trial silent for twice as long is failed "
+    "and run again.",
+)
+@_verbosity
+def tune(**kwargs: Any) -> None:
+    """Search the orders on the loaded model; write the best ones for sharded_ablate.py."""
+    opts = tune_mod.TuneOptions(**kwargs)
+    result = tune_mod.run(opts)
+    for line in tune_mod.summary(result, opts):
+        click.echo(line)
+    for name, path in result.files.items():
+        click.echo(f"{name:<10} {path}")
 
 
 @main.command()

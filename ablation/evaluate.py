@@ -97,19 +97,26 @@ def score_model(
     probes: dict[int, torch.Tensor] | None = None,
     base: Side | None = None,
     label: str = "model",
+    harmless_generations: bool = True,
 ) -> Side:
     """Generations on both sets, first-token logits on the harmless prompts, and teacher-forced
     log-probabilities along the harmless answers of the base model (this model's own when
-    `base` is None), plus the separation along each probe direction."""
+    `base` is None), plus the separation along each probe direction. Without
+    `harmless_generations` (a search trial: its damage is the two KLs) the harmless prompts
+    are not generated on."""
+    if base is None and not harmless_generations:
+        raise ValueError("the base side needs its harmless generations")
     pad = activations.pad_id(tok)
-    n = 3 * len(harmless_ids) + len(harmful_ids)
+    n = (3 if harmless_generations else 2) * len(harmless_ids) + len(harmful_ids)
     n += (len(harmful_ids) + len(harmless_ids)) if probes else 0
     with tqdm(total=n, unit="prompt", desc=label, disable=None) as bar:
         harmful_new = activations.generate(
             model, harmful_ids, pad, batch_size, max_new_tokens, bar.update
         )
-        harmless_new = activations.generate(
-            model, harmless_ids, pad, batch_size, max_new_tokens, bar.update
+        harmless_new = (
+            activations.generate(model, harmless_ids, pad, batch_size, max_new_tokens, bar.update)
+            if harmless_generations
+            else []
         )
         logits = activations.next_token_logits(model, harmless_ids, pad, batch_size, bar.update)
         answers = base.harmless_answers if base is not None else harmless_new

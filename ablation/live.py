@@ -1,45 +1,144 @@
 """Applying a plan to a model loaded in memory: the same targets, directions and kernels as the
 streaming rewriter, on the model's parameters instead of the checkpoint's bytes. Used to score
-orders without writing a checkpoint (the frontier benchmark, the search); undo restores the
-exact tensors."""
+orders without writing a checkpoint (the search, the frontier benchmark). Undo reads the
+touched tensors back from the checkpoint's own bytes, so no second copy of the model is held."""
 
 from __future__ import annotations
+
+import logging
+import os
+import re
 
 import torch
 
 from ablation import edits
+from ablation.checkpoint import DTYPES, ShardIndex, read_tensor
 from ablation.errors import AblationError
 from ablation.rewrite import Plan
 
+LOG = logging.getLogger(__name__)
 
-def apply(model: torch.nn.Module, plan: Plan) -> dict[str, torch.Tensor]:
-    """Edit the model's parameters in place as the plan says; returns copies of the originals
-    of every touched tensor (for undo). Parameter names must be the checkpoint's names, as
-    transformers loads them."""
-    params = dict(model.named_parameters(remove_duplicate=False))
-    saved: dict[str, torch.Tensor] = {}
-    for e in plan.edits:
-        name = e.target.name
-        p = params.get(name)
+
+class Layout:
+    """Where a checkpoint tensor lives in the loaded model. Usually a parameter of the same
+    name; but transformers renames some on load and fuses others (the per-expert gate/up/down
+    of Qwen-MoE, Mixtral, DeepSeek ... become one [experts, ...] tensor per layer). The
+    conversion rules are transformers' own (its conversion mapping for the model); a tensor
+    they stack (MergeModulelist) and concatenate (Concatenate) is a slice of the fused
+    parameter, a view edited in place. Any other conversion is an error naming it."""
+
+    def __init__(self, model: torch.nn.Module):
+        self.params = dict(model.named_parameters(remove_duplicate=False))
+        self.prefix = getattr(model, "base_model_prefix", None)
+        self.renamings: list = []
+        self.converters: list = []
+        try:
+            from transformers.conversion_mapping import get_model_conversion_mapping
+            from transformers.core_model_loading import WeightConverter
+        except ImportError:
+            return
+        for t in get_model_conversion_mapping(model):
+            (self.converters if isinstance(t, WeightConverter) else self.renamings).append(t)
+
+    def view(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        """The loaded model's tensor for checkpoint tensor `name`: a parameter's data or a
+        view into a fused one."""
+        p = self.params.get(name)
         if p is None:
-            raise AblationError(f"the loaded model has no parameter {name!r} for the plan")
-        if tuple(p.shape) != tuple(e.target.info.shape):
+            p, index = self._converted(name, shape)
+            t = p.data[index]
+        else:
+            t = p.data
+        if tuple(t.shape) != tuple(shape):
             raise AblationError(
-                f"parameter {name!r} has shape {list(p.shape)}, the checkpoint "
-                f"{list(e.target.info.shape)}"
+                f"parameter for {name!r} has shape {list(t.shape)}, the checkpoint {list(shape)}"
             )
-        if name not in saved:
-            saved[name] = p.detach().clone()
+        return t
+
+    def _converted(self, name: str, shape: tuple[int, ...]) -> tuple[torch.nn.Parameter, tuple]:
+        from transformers.core_model_loading import Concatenate, MergeModulelist, apply_renamings
+
+        key = apply_renamings(name, self.renamings)
+        for conv in self.converters:
+            target, pattern = conv.rename_source_key(key)
+            if pattern is not None:
+                break
+        else:
+            target, pattern, conv = key, None, None
+        p = self.params.get(target)
+        if p is None and self.prefix:
+            p = self.params.get(f"{self.prefix}.{target}")
+        if p is None:
+            raise AblationError(
+                f"the loaded model has no parameter for checkpoint tensor {name!r} (looked for "
+                f"{target!r}); the in-memory edit needs it"
+            )
+        if conv is None:
+            return p, ()
+        ops = [type(op).__name__ for op in conv.operations]
+        index: list = [slice(None)] * p.ndim
+        for op in conv.operations:
+            if isinstance(op, MergeModulelist):
+                star = re.escape(pattern).replace(r"\*", r"(\d+)")
+                found = re.search(star, key)
+                if found is None or not found.groups():
+                    break
+                index[op.dim] = int(found.group(1))
+            elif isinstance(op, Concatenate):
+                k = conv.source_patterns.index(pattern)
+                dim = op.dim - sum(isinstance(i, int) for i in index[: op.dim])
+                size = shape[dim]
+                if p.shape[op.dim] != size * len(conv.source_patterns):
+                    break
+                index[op.dim] = slice(k * size, (k + 1) * size)
+            else:
+                break
+        else:
+            return p, tuple(index)
+        raise AblationError(
+            f"checkpoint tensor {name!r} becomes {target!r} through {', '.join(ops)} when "
+            "transformers loads it: the in-memory edit supports stacked and concatenated "
+            "tensors only"
+        )
+
+
+def apply(model: torch.nn.Module, plan: Plan) -> list[str]:
+    """Edit the model's tensors in place as the plan says (each on the device that holds it);
+    returns the names of the touched checkpoint tensors, for `restore`."""
+    layout = Layout(model)
+    touched: dict[str, None] = {}
+    for e in plan.edits:
+        name, info = e.target.name, e.target.info
+        t = layout.view(name, info.shape)
+        if t.dtype != DTYPES[info.dtype][0] and name not in touched:
+            LOG.warning(
+                "%s is %s in memory, %s on disk: the in-memory edit rounds differently from "
+                "the written one (load the model in the checkpoint's dtype)",
+                name,
+                t.dtype,
+                info.dtype,
+            )
+        touched[name] = None
         with torch.no_grad():
-            w = p.data if p.data.is_contiguous() else p.data.contiguous()
-            edits.project_out_(w, plan.directions[e.direction], e.target.hidden_axis, e.spec())
-            if w.data_ptr() != p.data.data_ptr():
-                p.data.copy_(w)
-    return saved
+            w = t if t.is_contiguous() else t.contiguous()
+            direction = plan.directions[e.direction].to(w.device)
+            edits.project_out_(w, direction, e.target.hidden_axis, e.spec())
+            if w.data_ptr() != t.data_ptr():
+                t.copy_(w)
+    return list(touched)
 
 
-def undo(model: torch.nn.Module, saved: dict[str, torch.Tensor]) -> None:
-    params = dict(model.named_parameters(remove_duplicate=False))
-    with torch.no_grad():
-        for name, value in saved.items():
-            params[name].data.copy_(value)
+def restore(model: torch.nn.Module, index: ShardIndex, names: list[str]) -> None:
+    """Put the named checkpoint tensors back into the model from the checkpoint's bytes."""
+    layout = Layout(model)
+    fds: dict[str, int] = {}
+    try:
+        with torch.no_grad():
+            for name in names:
+                info = index.tensors[name]
+                if info.shard not in fds:
+                    fds[info.shard] = os.open(index.root / info.shard, os.O_RDONLY)
+                layout.view(name, info.shape).copy_(read_tensor(fds[info.shard], info))
+    finally:
+        for fd in fds.values():
+            os.close(fd)

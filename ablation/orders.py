@@ -85,6 +85,7 @@ class LayerOrder:
     components: tuple[str, ...] = DEFAULT_COMPONENTS
     directions: int = 1  # k: the top-k subspace of the measurement (1: its unit direction)
     rows: float = 1.0  # sparse surgery: the fraction of each tensor's vectors edited
+    clip: bool = False  # a kernel's flank: dropped where it runs past the model's last layer
 
 
 @dataclass
@@ -171,12 +172,18 @@ def _line_of(lines: dict[tuple, int], loc: tuple) -> int:
     return 1
 
 
-def load(path: Path, overrides: dict[str, Any] | None = None) -> Orders:
-    """Read, validate and expand an orders file; CLI overrides replace file values."""
+def read_yaml(
+    path: Path,
+    schema: type[BaseModel],
+    overrides: dict[str, Any] | None = None,
+    what: str = "orders",
+) -> tuple[Any, dict[tuple, int]]:
+    """Read a YAML mapping and validate it against a strict schema; a bad key or value is one
+    error naming the file, the line and the key. Returns the parsed model and the line map."""
     try:
         text = path.read_text()
     except OSError as exc:
-        raise AblationError(f"{path}: cannot read orders ({exc.strerror})") from exc
+        raise AblationError(f"{path}: cannot read {what} ({exc.strerror})") from exc
     try:
         node = yaml.compose(text)
         data = yaml.safe_load(text)
@@ -186,12 +193,18 @@ def load(path: Path, overrides: dict[str, Any] | None = None) -> Orders:
         raise AblationError(
             f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})"
         ) from exc
+    if data is None and not overrides:
+        data = {}
     if not isinstance(data, dict):
-        raise AblationError(f"{path}: orders must be a YAML mapping")
+        raise AblationError(f"{path}: {what} must be a YAML mapping")
     lines = _line_map(node) if node is not None else {}
     data.update({k: v for k, v in (overrides or {}).items() if v is not None})
+    return validate(data, schema, path, lines), lines
+
+
+def validate(data: dict, schema: type[BaseModel], source: Path, lines: dict[tuple, int]) -> Any:
     try:
-        parsed = _File.model_validate(data)
+        return schema.model_validate(data)
     except ValidationError as exc:
         err = exc.errors()[0]
         loc = tuple(err["loc"])
@@ -199,8 +212,18 @@ def load(path: Path, overrides: dict[str, Any] | None = None) -> Orders:
         msg = err["msg"].removeprefix("Value error, ")
         if err["type"] == "extra_forbidden":
             msg = "unknown key"
-        raise AblationError(f"{path}:{_line_of(lines, loc)}: {key}: {msg}") from None
+        raise AblationError(f"{source}:{_line_of(lines, loc)}: {key}: {msg}") from None
+
+
+def load(path: Path, overrides: dict[str, Any] | None = None) -> Orders:
+    """Read, validate and expand an orders file; CLI overrides replace file values."""
+    parsed, lines = read_yaml(path, _File, overrides)
     return _expand(path, parsed, lines)
+
+
+def from_dict(data: dict[str, Any], source: Path) -> Orders:
+    """Orders built in code (the search's trials): the same schema and expansion as a file."""
+    return _expand(source, validate(data, _File, source, {}), {})
 
 
 def _expand(path: Path, parsed: _File, lines: dict[tuple, int]) -> Orders:
@@ -247,6 +270,7 @@ def _expand(path: Path, parsed: _File, lines: dict[tuple, int]) -> Orders:
                     components=components,
                     directions=k,
                     rows=entry.rows if entry.rows is not None else parsed.rows,
+                    clip=entry.kernel is not None and n != entry.kernel.peak,
                 )
             )
     return Orders(

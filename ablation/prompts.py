@@ -15,13 +15,15 @@ from ablation.errors import AblationError
 LOG = logging.getLogger(__name__)
 
 KINDS = ("harmful", "harmless")
-SPLITS = ("measure", "eval")
+SPLITS = ("measure", "tune", "eval")
 SUFFIXES = (".txt", ".json", ".jsonl", ".csv", ".parquet")
 
 
 def builtin(kind: str, split: str = "measure") -> list[str]:
     """The project's own sets: requests aligned chat models refuse, and matched ordinary ones,
-    split by task so that no task of the eval part was seen at measurement."""
+    split by task: measure (what directions are measured on, and what the refusing demo model
+    is taught on), tune (what `ablation tune` scores trials on) and eval (held out: the final
+    numbers); no task appears in two parts."""
     if kind not in KINDS or split not in SPLITS:
         raise ValueError(f"no built-in set {kind}/{split}")
     text = resources.files("ablation").joinpath("data", f"{kind}_{split}.txt").read_text()

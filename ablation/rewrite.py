@@ -156,19 +156,37 @@ def open_model(model_dir: Path, meas: refuse.Measurements, meas_path: Path) -> A
     return arch
 
 
-def build_plan(orders: Orders, model_dir: Path, measurements_path: Path) -> Plan:
-    """Everything is validated here, before a byte is written."""
+@dataclass(frozen=True)
+class Sources:
+    """What every plan of one model and one measurement reads: loaded once by a caller that
+    plans many times (the search)."""
+
+    measurements: refuse.Measurements
+    refuse_sha256: str
+    arch: Architecture
+
+
+def open_sources(model_dir: Path, measurements_path: Path) -> Sources:
     meas = refuse.load(measurements_path)
-    arch = open_model(model_dir, meas, measurements_path)
-    index = arch.index
+    return Sources(
+        meas, refuse.sha256_of(measurements_path), open_model(model_dir, meas, measurements_path)
+    )
+
+
+def build_plan(
+    orders: Orders, model_dir: Path, measurements_path: Path, sources: Sources | None = None
+) -> Plan:
+    """Everything is validated here, before a byte is written."""
+    src = sources or open_sources(model_dir, measurements_path)
+    arch = src.arch
     plan = Plan(
         model_dir,
         arch,
         orders,
-        meas,
-        refuse.sha256_of(measurements_path),
+        src.measurements,
+        src.refuse_sha256,
         {},
-        {name: [] for name in index.shards},
+        {name: [] for name in arch.index.shards},
     )
     fd_cache: dict[str, int] = {}
     try:
@@ -220,6 +238,8 @@ def _direction(plan: Plan, order: LayerOrder, target_layer: int, what: str) -> t
 
 def _plan_layer(plan: Plan, order: LayerOrder, fd_cache: dict[str, int]) -> None:
     arch, orders = plan.arch, plan.orders
+    if order.clip and order.layer >= arch.num_layers:
+        return  # the flank of a kernel peaking near the last layer
     if order.layer >= arch.num_layers:
         raise AblationError(
             f"{orders.where(order)}: layer {order.layer} is out of range "

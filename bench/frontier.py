@@ -12,8 +12,13 @@ the base model's own level. Nothing here trains or tunes on the held-out prompts
 Configurations are placed relative to what `analyze` suggests (its measurement layer m and
 window lo-hi), so the grid reads the same on another model.
 
+With --tune FRONT (the front.json of `ablation tune`), the orders of every trial on the
+search's Pareto front are scored the same way, on the held-out prompts the search never saw,
+so the tuned front and the hand-made points read on one scale.
+
 usage: python bench/frontier.py --model DIR --refuse FILE [--out bench/results_frontier.json]
                                 [--max-new-tokens 24] [--only NAME ...] [--plot PNG]
+                                [--tune tune/front.json]
 """
 
 from __future__ import annotations
@@ -119,6 +124,7 @@ def main() -> int:
     ap.add_argument("--batch-size", type=int, default=32)
     ap.add_argument("--only", nargs="*", default=None, help="run only these configurations")
     ap.add_argument("--extra", type=Path, help="YAML mapping name -> orders body, added")
+    ap.add_argument("--tune", type=Path, help="front.json of ablation tune: score its front")
     args = ap.parse_args()
 
     import torch
@@ -136,6 +142,12 @@ def main() -> int:
         configs.update(yaml.safe_load(args.extra.read_text()))
     if args.only:
         configs = {k: v for k, v in configs.items() if k in args.only}
+    if args.tune:
+        front = json.loads(args.tune.read_text())
+        for t in front["trials"]:
+            if t["pareto"]:
+                chosen = " (chosen)" if t["number"] == front["chosen"] else ""
+                configs[f"tune: trial {t['number']}{chosen}"] = t["attrs"]["orders"]
     model, tok = activations.load_model(str(args.model), "auto", "cpu")
     harmful = prompts.builtin("harmful", "eval")
     harmless = prompts.builtin("harmless", "eval")
@@ -158,9 +170,9 @@ def main() -> int:
         path.write_text(yaml.safe_dump(doc, sort_keys=False))
         plan = rewrite.build_plan(orders.load(path), args.model, args.refuse)
         t = time.perf_counter()
-        saved = live.apply(model, plan)
+        touched = live.apply(model, plan)
         side = evaluate.score_model(model, tok, h_ids, l_ids, base=base, label=name[:20], **kw)
-        live.undo(model, saved)
+        live.restore(model, plan.index, touched)
         c = evaluate.compare(base, side, tok)
         a = c["ablated"]
         row = {
@@ -229,6 +241,11 @@ def markdown(out: dict) -> list[str]:
     return rows
 
 
+def damage(p: dict) -> float:
+    """What the search minimizes: the larger of the two KLs."""
+    return max(p["kl_first_token"], p["kl_answer"])
+
+
 def plot(out: dict, path: Path) -> None:
     import matplotlib
 
@@ -236,9 +253,21 @@ def plot(out: dict, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5))
-    pts = out["points"]
+    tuned = sorted((p for p in out["points"] if p["name"].startswith("tune:")), key=damage)
+    if tuned:
+        ax.plot(
+            [damage(p) for p in tuned],
+            [p["refusal_rate"] for p in tuned],
+            color="tab:red",
+            lw=1,
+            marker="s",
+            ms=4,
+            label="ablation tune: its Pareto front, re-scored held-out",
+        )
+        ax.legend(loc="upper right", fontsize=7)
+    pts = [p for p in out["points"] if not p["name"].startswith("tune:")]
     sc = ax.scatter(
-        [p["kl_answer"] for p in pts],
+        [damage(p) for p in pts],
         [p["refusal_rate"] for p in pts],
         c=[p["degenerate_harmful"] for p in pts],
         cmap="viridis",
@@ -247,9 +276,9 @@ def plot(out: dict, path: Path) -> None:
         s=40,
     )
     for p in pts:
-        ax.annotate(p["name"][:34], (p["kl_answer"], p["refusal_rate"]), fontsize=6)
+        ax.annotate(p["name"][:34], (damage(p), p["refusal_rate"]), fontsize=6)
     ax.set_xscale("symlog", linthresh=0.01)
-    ax.set_xlabel("KL per token along the base's harmless answers")
+    ax.set_xlabel("damage: max(first-token KL, KL per token along the base's answers)")
     ax.set_ylabel("held-out harmful refusal rate")
     fig.colorbar(sc, label="degenerate answers (harmful)")
     ax.set_title(f"refusal / damage frontier, {Path(out['model']).name}")

@@ -4,9 +4,10 @@ from pathlib import Path
 
 import pytest
 
-from ablation import orders
+from ablation import orders, space
 
-CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+ROOT = Path(__file__).resolve().parents[1] / "configs"
+CONFIGS = sorted(p for p in ROOT.glob("*.yaml") if not p.name.endswith("-space.yaml"))
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.name for p in CONFIGS])
@@ -17,3 +18,9 @@ def test_example_orders_validate(path):
 
 def test_there_are_examples():
     assert {p.name for p in CONFIGS} >= {"dense-example.yaml", "moe-example.yaml"}
+
+
+def test_the_example_search_space_is_the_default():
+    loaded = space.load(ROOT / "tune-space.yaml")
+    assert loaded == space.Space()
+    assert space.bind(loaded, 18).space.measurement == [2, 15]

@@ -182,15 +182,15 @@ def test_readers_edit_equals_removing_r_from_what_they_read(tiny, tmp_path):
         h.remove()
     with torch.no_grad():
         plain = model(ids).logits
-    saved = live.apply(model, plan)
+    touched = live.apply(model, plan)
     with torch.no_grad():
         edited = model(ids).logits
     assert (plain - hooked).abs().max() > 1e-3  # the edit does something
     torch.testing.assert_close(edited, hooked, atol=1e-4, rtol=1e-4)
-    live.undo(model, saved)
+    live.restore(model, plan.index, touched)
     fresh = transformers.AutoModelForCausalLM.from_pretrained(model_dir).state_dict()
     for k, v in model.state_dict().items():
-        assert torch.equal(v, fresh[k]), k  # undo restores every byte
+        assert torch.equal(v, fresh[k]), k  # restore from disk puts every byte back
 
 
 def test_reader_projection_is_exact_and_idempotent():
@@ -335,3 +335,37 @@ def _tensors(model_dir) -> dict[str, torch.Tensor]:
     for f in sorted(model_dir.glob("*.safetensors")):
         out.update(load_file(f))
     return out
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "mixtral", "deepseek_v3", "gpt_oss"])
+def test_in_memory_edit_of_experts_fused_on_load(checkpoint, tmp_path, family):
+    """transformers fuses per-expert checkpoint tensors into one [experts, ...] parameter on
+    load (Qwen-MoE, Mixtral, DeepSeek; gpt-oss is fused on disk already): the in-memory edit
+    finds each expert's slice through transformers' own conversion rules and edits it to the
+    bytes the rewriter writes; restore puts the checkpoint's bytes back."""
+    model_dir = checkpoint(family)
+    n = num_layers_of(model_dir)
+    meas = tmp_path / "m.refuse"
+    refuse.save(meas, make_measurements(n, HIDDEN, seed=4))
+    p = _orders(
+        tmp_path,
+        model_dir,
+        meas,
+        components=["writers", "readers", "router"],
+        ablate=[{"layers": f"0-{n - 1}", "measurement": 1}],
+    )
+    res = run_cli("ablate", p)
+    assert res.exit_code == 0, res.output + res.stderr
+    written = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "out").state_dict()
+    model = transformers.AutoModelForCausalLM.from_pretrained(model_dir).eval()
+    fresh = {k: v.clone() for k, v in model.state_dict().items()}
+    plan = rewrite.build_plan(orders.load(p), model_dir, meas)
+    assert any(e.target.role == "expert_out" for e in plan.edits)
+    touched = live.apply(model, plan)
+    state = model.state_dict()
+    assert any("experts" in k and not torch.equal(state[k], fresh[k]) for k in state)
+    for k, v in state.items():
+        assert torch.equal(v, written[k]), k
+    live.restore(model, plan.index, touched)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, fresh[k]), k
