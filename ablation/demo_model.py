@@ -273,9 +273,26 @@ def cached_refusing() -> Path:
         tmp = path.with_name(path.name + ".partial")
         if tmp.exists():
             shutil.rmtree(tmp)
-        build_refusing(tmp)
+        _build_in_fresh_process(tmp)
         tmp.rename(path)
     return path
+
+
+def _build_in_fresh_process(out_dir: Path) -> None:
+    """The training runs in a new interpreter: on the CPU its bf16 result depends on the
+    process's history (the same recipe trained inside a test process that had run 200 tests
+    gave weights 8% apart and another refusal profile; in a clean process two builds are
+    bit-identical), so every build starts from the same state."""
+    import subprocess
+    import sys
+
+    code = (
+        "import sys, pathlib; from ablation import demo_model as d; "
+        "d.build_refusing(pathlib.Path(sys.argv[1]))"
+    )
+    res = subprocess.run([sys.executable, "-c", code, str(out_dir)], check=False)
+    if res.returncode != 0:
+        raise AblationError(f"building the refusing demo model failed (exit {res.returncode})")
 
 
 def write_refusing(out_dir: Path) -> Path:

@@ -136,7 +136,8 @@ def storage_for(opts: TuneOptions):
         except Exception as exc:  # sqlalchemy's errors: a bad URL or an unreachable server
             if not type(exc).__module__.startswith("sqlalchemy"):
                 raise
-            if "already exists" in str(exc) and attempt < 9:
+            racing = "already exists" in str(exc) or "UNIQUE constraint" in str(exc)
+            if racing and attempt < 9:
                 time.sleep(0.5)  # another worker is creating the tables right now
                 continue
             raise AblationError(f"--storage {url}: {str(exc).splitlines()[0]}") from None

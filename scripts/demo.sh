@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The whole pipeline on a real small model that refuses, on the CPU, from a fresh clone:
 # gemma-3-270m (from the PyPI GGUF package) taught to refuse (built once, ~5 min, cached)
-# -> measure -> analyze -> ablate -> verify -> evaluate -> publish --dry-run.
+# -> measure -> analyze -> ablate -> verify -> evaluate -> tune -> ablate -> evaluate
+# -> publish --dry-run.
 # Usage: scripts/demo.sh [OUT_DIR]   (default: demo-out)
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -19,26 +20,26 @@ mkdir -p "$OUT"
 MODEL="$OUT/gemma-3-270m-refusing"
 step() { printf '\n== %s\n' "$*"; }
 
-step "1/6 the refusing model: gemma-3-270m taught to refuse the built-in harmful measure prompts"
+step "1/7 the refusing model: gemma-3-270m taught to refuse the built-in harmful measure prompts"
 echo "(LoRA merged into the weights, trained on the measure split only; the held-out split below"
 echo " is never trained on. First run: about 5 minutes on 2 cores, then cached.)"
 [ -f "$MODEL/config.json" ] || ablation demo-model --refusing "$MODEL" -q
 
-step "2/6 measure: built-in harmful and harmless prompts -> $OUT/gemma.refuse"
+step "2/7 measure: built-in harmful and harmless prompts -> $OUT/gemma.refuse"
 python measure.py --model "$MODEL" -o "$OUT/gemma.refuse" --batch-size 32 -q
 
-step "3/6 analyze: rank layers, draw them, write starting orders (no hand edits below)"
+step "3/7 analyze: rank layers, draw them, write starting orders (no hand edits below)"
 python analyze.py "$OUT/gemma.refuse" --chart "$OUT/layers.png" --json "$OUT/layers.json" \
   --emit-orders "$OUT/orders.yaml" --model "$MODEL" --output "$OUT/gemma-3-270m-abliterated"
 grep -v '^#' "$OUT/orders.yaml"
 
-step "4/6 ablate: stream the shards through the edits"
+step "4/7 ablate: stream the shards through the edits"
 python sharded_ablate.py "$OUT/orders.yaml" --overwrite --base-model google/gemma-3-270m -q
 
-step "5/6 verify: edits took, every other byte identical"
+step "5/7 verify: edits took, every other byte identical"
 ablation verify "$OUT/gemma-3-270m-abliterated" --orders "$OUT/orders.yaml" -q
 
-step "6/6 evaluate: held-out prompts, base vs ablated"
+step "6/7 evaluate: held-out prompts, base vs ablated"
 ablation evaluate --base "$MODEL" --ablated "$OUT/gemma-3-270m-abliterated" \
   --max-new-tokens 24 --batch-size 32 -q
 
@@ -54,6 +55,14 @@ for prompt, sides in list(harm.items())[:4]:
     print(f"prompt : {prompt}\n  base   : {sides['base']}\n  ablated: {sides['ablated']}")
 PY
 
+step "7/7 tune: search the orders on the loaded model (tuning split), then stream them out"
+echo "(the held-out prompts above are never used by the search; 30 trials, about 3 minutes)"
+ablation tune --model "$MODEL" --measurements "$OUT/gemma.refuse" -o "$OUT/tune" \
+  --trials 30 --batch-size 32 --target "$OUT/gemma-3-270m-tuned" --no-held-out -q
+python sharded_ablate.py "$OUT/tune/orders.yaml" --overwrite --base-model google/gemma-3-270m -q
+ablation evaluate --base "$MODEL" --ablated "$OUT/gemma-3-270m-tuned" \
+  --max-new-tokens 24 --batch-size 32 -q
+
 step "publish (dry run: shows the files and the model card, sends nothing)"
 ablation publish "$OUT/gemma-3-270m-abliterated" --repo-id you/gemma-3-270m-abliterated \
   --dry-run -q | tail -n 22
@@ -63,7 +72,8 @@ cat <<EOT
 model        $MODEL
 measurement  $OUT/gemma.refuse
 analysis     $OUT/layers.png  $OUT/layers.json
-orders       $OUT/orders.yaml
+orders       $OUT/orders.yaml  (analyze)   $OUT/tune/orders.yaml  (tune: front.png, front.json)
+tuned        $OUT/gemma-3-270m-tuned  (eval.json)
 abliterated  $OUT/gemma-3-270m-abliterated  (ablation.json, README.md model card)
 evaluation   $OUT/gemma-3-270m-abliterated/eval.json  eval_responses.jsonl
 EOT

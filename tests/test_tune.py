@@ -261,7 +261,8 @@ def test_kill_and_resume_continue_one_study(setup, tmp_path):
             for u in study.get_trials(deepcopy=False)
             if u.system_attrs.get("failed_trial") == t.number
         ]
-        assert retried and retried[0].params == t.params
+        assert retried  # (params the killed trial had chosen are kept; it may have had none)
+        assert all(retried[0].params[k] == v for k, v in t.params.items())
 
 
 def test_two_workers_finish_one_study(setup, tmp_path):
