@@ -213,6 +213,14 @@ def compare(base: Side, ablated: Side, tok) -> dict:
             f"{list(ablated.first_logits.shape)}"
         )
     kl = analysis.kl_divergence(base.first_logits, ablated.first_logits)
+    # the prompts the base refuses are where removing refusals *should* change the first token
+    answered = torch.tensor(
+        [
+            not refusals.is_refusal(tok.decode(_strip(a, tok), skip_special_tokens=True))
+            for a in base.harmless_answers
+        ],
+        dtype=torch.bool,
+    )
     pairs = [
         (b, a) for b, a in zip(base.answer_logprobs, ablated.answer_logprobs, strict=True) if len(b)
     ]
@@ -221,7 +229,13 @@ def compare(base: Side, ablated: Side, tok) -> dict:
     return {
         "base": summarize(base, tok, threshold),
         "ablated": summarize(ablated, tok, threshold),
-        "kl": {"mean": kl.mean().item(), "max": kl.max().item(), "n_harmless": len(kl)},
+        "kl": {
+            "mean": kl.mean().item(),
+            "max": kl.max().item(),
+            "n_harmless": len(kl),
+            "mean_base_answered": kl[answered].mean().item() if answered.any() else 0.0,
+            "n_base_answered": int(answered.sum()),
+        },
         "answer_kl": {
             "mean": per_token.mean().item(),
             "max_answer": max((k.mean().item() for k in per_answer), default=0.0),
@@ -364,7 +378,8 @@ def table(result: dict) -> list[str]:
         f"{'degenerate answers, harmless':30}{b['degenerate_harmless_rate']:>10.1%}"
         f"{a['degenerate_harmless_rate']:>10.1%}",
         f"{'KL(base || ablated), 1st token':30}{'-':>10}{kl['mean']:>10.4f}"
-        f"   ({kl['n_harmless']} harmless prompts; max {kl['max']:.3f})",
+        f"   ({kl['n_harmless']} harmless prompts; max {kl['max']:.3f}; "
+        f"{kl['mean_base_answered']:.4f} over the {kl['n_base_answered']} the base answers)",
         f"{'KL along base answers':30}{'-':>10}{akl['mean']:>10.4f}"
         f"   (per token, teacher-forced, {akl['tokens']} tokens; worst answer "
         f"{akl['max_answer']:.3f})",

@@ -155,6 +155,11 @@ def model_card(
         rows.append(
             f"| KL(base \\|\\| abliterated), first token, harmless prompts | - | {kl['mean']:.4f} |"
         )
+        if "mean_base_answered" in kl:  # older eval.json files lack it
+            rows.append(
+                "| the same, only the harmless prompts the base answers | - | "
+                f"{kl['mean_base_answered']:.4f} |"
+            )
         if "answer_kl" in evaluation:
             rows.append(
                 "| KL per token along the base's own harmless answers | - | "

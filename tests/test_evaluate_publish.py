@@ -257,3 +257,31 @@ def test_base_model_id_never_links_a_local_path(tmp_path, model, override, confi
         assert f"base_model: {want}" in card and f"https://huggingface.co/{want}" in card
     else:
         assert "base_model:" not in card
+
+
+def test_first_token_kl_is_also_reported_over_the_prompts_the_base_answers():
+    """Where the base refuses a harmless prompt, an ablated model that answers it changes the
+    first token on purpose: the KL over the other prompts is reported beside the mean."""
+    from ablation import analysis, evaluate
+
+    class Tok:
+        eos_token_id = pad_token_id = 0
+        unk_token_id = 3
+
+        def convert_tokens_to_ids(self, _):
+            return 3
+
+        def decode(self, ids, skip_special_tokens=True):
+            return {1: "I'm sorry, but I can't help with that.", 2: "Sure, here it is."}[ids[0]]
+
+    empty = [torch.zeros(0, 3)] * 3
+    base_logits = torch.zeros(3, 5)
+    ablated_logits = torch.tensor([[9.0, 0, 0, 0, 0], [0.5, 0, 0, 0, 0], [0, 0.2, 0, 0, 0]])
+    base = evaluate.Side([], [[1], [2], [2]], base_logits, empty, empty, {})
+    ablated = evaluate.Side([], [], ablated_logits, empty, [], {})
+    kl = evaluate.compare(base, ablated, Tok())["kl"]
+    per_prompt = analysis.kl_divergence(base_logits, ablated_logits)
+    assert kl["n_base_answered"] == 2
+    assert kl["mean"] == pytest.approx(per_prompt.mean().item())
+    assert kl["mean_base_answered"] == pytest.approx(per_prompt[1:].mean().item())
+    assert kl["mean_base_answered"] < kl["mean"] / 5
