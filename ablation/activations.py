@@ -7,10 +7,12 @@ import logging
 import re
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import jinja2
 import torch
 
+from ablation.checkpoint import INDEX_NAME, read_weight_map
 from ablation.errors import AblationError
 
 LOG = logging.getLogger(__name__)
@@ -42,6 +44,9 @@ def load_model(
             kwargs["device_map"] = "auto"
     else:
         kwargs["device_map"] = device
+    index = Path(path) / INDEX_NAME
+    if index.is_file():  # its shard names, before transformers turns them into paths
+        read_weight_map(index)
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(path)
         try:

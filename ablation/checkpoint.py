@@ -7,6 +7,7 @@ dtype and shape, the header and every other byte stay valid.
 
 from __future__ import annotations
 
+import errno
 import itertools
 import json
 import logging
@@ -107,13 +108,13 @@ def read_header(path: Path) -> ShardHeader:
             raw = f.read(header_len)
     except OSError as exc:
         raise AblationError(f"{path}: cannot read ({exc.strerror})") from exc
-    try:
-        header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise AblationError(f"{path}: header is not valid JSON ({exc})") from exc
-    if not isinstance(header, dict):
-        raise AblationError(f"{path}: header is not a JSON object")
+    header = json_object(raw, f"{path}: header")
     metadata = header.pop("__metadata__", None) or {}
+    if not (
+        isinstance(metadata, dict)
+        and all(isinstance(k, str) and isinstance(v, str) for k, v in metadata.items())
+    ):
+        raise AblationError(f"{path}: __metadata__ is not a map of strings to strings")
     base = 8 + header_len
     tensors: dict[str, TensorInfo] = {}
     for name, entry in header.items():
@@ -122,18 +123,35 @@ def read_header(path: Path) -> ShardHeader:
     return ShardHeader(path=path, tensors=tensors, metadata=metadata, size=size)
 
 
+def json_object(raw: bytes, what: str) -> dict:
+    """A JSON object from untrusted bytes; anything else is one user error."""
+    try:
+        data = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise AblationError(f"{what} is not valid JSON ({exc})") from exc
+    except RecursionError:
+        raise AblationError(f"{what} is not valid JSON (nested too deeply)") from None
+    if not isinstance(data, dict):
+        raise AblationError(f"{what} is not a JSON object")
+    return data
+
+
+def _is_int(x: object) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
 def _tensor_info(path: Path, name: str, entry: object, base: int, size: int) -> TensorInfo:
     if not isinstance(entry, dict) or {"dtype", "shape", "data_offsets"} - entry.keys():
         raise AblationError(f"{path}: tensor {name!r} lacks dtype/shape/data_offsets")
     dtype, shape, offsets = entry["dtype"], entry["shape"], entry["data_offsets"]
-    if dtype not in DTYPES:
+    if not isinstance(dtype, str) or dtype not in DTYPES:
         raise AblationError(f"{path}: tensor {name!r} has unknown dtype {dtype!r}")
-    if not (isinstance(shape, list) and all(isinstance(d, int) and d >= 0 for d in shape)):
+    if not (isinstance(shape, list) and all(_is_int(d) and d >= 0 for d in shape)):
         raise AblationError(f"{path}: tensor {name!r} has a bad shape {shape!r}")
     if not (
         isinstance(offsets, list)
         and len(offsets) == 2
-        and all(isinstance(o, int) for o in offsets)
+        and all(_is_int(o) for o in offsets)
         and 0 <= offsets[0] <= offsets[1]
     ):
         raise AblationError(f"{path}: tensor {name!r} has bad data_offsets {offsets!r}")
@@ -162,15 +180,47 @@ def _check_no_overlap(path: Path, tensors: dict[str, TensorInfo]) -> None:
             raise AblationError(f"{path}: tensors {name_a!r} and {name_b!r} overlap")
 
 
+def is_plain_name(name: object) -> bool:
+    """A file name that can only mean a file directly inside its directory: no separator, no
+    '..', not absolute. Shard names come from files written by strangers (an index, a record,
+    a manifest) and become paths on both the reading and the writing side; a symlink *at* a
+    plain name stays allowed (a Hugging Face cache snapshot is made of them)."""
+    return (
+        isinstance(name, str)
+        and name not in ("", ".", "..")
+        and not any(c in name for c in "/\\\0")
+        and not Path(name).is_absolute()
+    )
+
+
+def plain_name(name: object, where: str) -> str:
+    if not is_plain_name(name):
+        raise AblationError(
+            f"{where}: {name!r} is not a plain file name inside the checkpoint directory"
+        )
+    return name  # type: ignore[return-value]
+
+
+def read_weight_map(index_path: Path) -> dict[str, str]:
+    """tensor -> shard from a model.safetensors.index.json, every shard name checked."""
+    try:
+        raw = index_path.read_bytes()
+    except OSError as exc:
+        raise AblationError(f"{index_path}: cannot read ({exc.strerror})") from exc
+    weight_map = json_object(raw, str(index_path)).get("weight_map")
+    if not isinstance(weight_map, dict):
+        raise AblationError(f"{index_path}: not a valid safetensors index (no weight_map object)")
+    for tensor, shard in weight_map.items():
+        plain_name(shard, f"{index_path}: weight_map[{tensor!r}]")
+    return weight_map
+
+
 def open_index(root: Path) -> ShardIndex:
     """Read the checkpoint's index (or its single file) and every shard header it names."""
     index_path = root / INDEX_NAME
     weight_map: dict[str, str]
     if index_path.is_file():
-        try:
-            weight_map = json.loads(index_path.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError, TypeError) as exc:
-            raise AblationError(f"{index_path}: not a valid safetensors index ({exc})") from exc
+        weight_map = read_weight_map(index_path)
         shard_names = sorted(set(weight_map.values()))
     elif (root / SINGLE_NAME).is_file():
         index_path = None
@@ -185,7 +235,7 @@ def open_index(root: Path) -> ShardIndex:
     for shard in shard_names:
         path = root / shard
         if not path.is_file():
-            raise AblationError(f"{index_path or root}: shard {shard} is missing")
+            raise AblationError(f"{index_path or root}: shard {shard!r} is missing")
         shards[shard] = read_header(path)
         for name, info in shards[shard].tensors.items():
             if name in tensors:
@@ -195,7 +245,7 @@ def open_index(root: Path) -> ShardIndex:
             tensors[name] = info
     for name, shard in weight_map.items():
         if name not in shards[shard].tensors:
-            raise AblationError(f"{index_path}: maps {name!r} to {shard}, whose header lacks it")
+            raise AblationError(f"{index_path}: maps {name!r} to {shard!r}, whose header lacks it")
     unindexed = sorted(
         p.name for p in root.glob("*.safetensors") if p.is_file() and p.name not in shards
     )
@@ -234,6 +284,11 @@ def write_tensor(fd: int, info: TensorInfo, tensor: torch.Tensor) -> None:
         done += os.pwrite(fd, data[done:], info.start + done)
 
 
+# copy_file_range cannot serve this pair of files (across filesystems, an old kernel, a
+# filesystem without support): the pread/pwrite loop can
+_NO_RANGE_COPY = {errno.EXDEV, errno.ENOSYS, errno.EOPNOTSUPP, errno.EINVAL, errno.EBADF}
+
+
 def copy_range(
     fd_in: int, fd_out: int, offset: int, length: int, progress: Callable[[int], None] | None = None
 ) -> None:
@@ -248,7 +303,9 @@ def copy_range(
         if use_range:
             try:
                 n = os.copy_file_range(fd_in, fd_out, count, pos, pos)
-            except OSError:
+            except OSError as exc:
+                if exc.errno not in _NO_RANGE_COPY:
+                    raise  # a full disk or an I/O error is the same with pwrite
                 use_range = False
                 continue
         else:
@@ -266,6 +323,6 @@ def copy_range(
 
 def copy_file(src: Path, dst: Path, progress: Callable[[int], None] | None = None) -> None:
     """Copy a whole file in the kernel."""
-    with open(src, "rb") as fin, open(dst, "wb") as fout:
+    with open(src, "rb") as fin, open(dst, "xb") as fout:
         size = os.fstat(fin.fileno()).st_size
         copy_range(fin.fileno(), fout.fileno(), 0, size, progress)

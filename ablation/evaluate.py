@@ -15,11 +15,11 @@ from safetensors.torch import load_file, save_file
 from tqdm import tqdm
 
 from ablation import activations, analysis, directions, prompts, refusals, refuse
+from ablation import record as record_mod
 from ablation.checkpoint import open_index
 from ablation.demo_model import default_cache
 from ablation.errors import AblationError
 from ablation.hub import resolve_model
-from ablation.rewrite import RECORD
 
 LOG = logging.getLogger(__name__)
 KL_DAMAGE = 0.5
@@ -275,6 +275,28 @@ def _run_side(path: Path, opts: EvalOptions, h_ids, l_ids, probes, base, label) 
     return side
 
 
+def _refuse_of(record: dict, given: Path | None) -> Path | None:
+    """The .refuse file the ablated model was made with: --refuse-file, else the path the
+    record names, used only when it is that very file (same sha256; a downloaded model's
+    record names a path on someone else's machine)."""
+    if not record:
+        return None
+    if given is not None:
+        return given
+    path = Path(record["refuse"]["path"])
+    if not path.is_file():
+        LOG.warning("the .refuse file %s is not here: separation is not measured", path)
+        return None
+    if refuse.sha256_of(path) != record["refuse"]["sha256"]:
+        LOG.warning(
+            "%s is not the .refuse file the model was ablated with (sha256 differs): "
+            "separation is not measured",
+            path,
+        )
+        return None
+    return path
+
+
 def run(opts: EvalOptions) -> dict:
     harmful, h_src = prompts.load(
         opts.harmful, "harmful", "eval", opts.text_field, opts.max_prompts, opts.seed
@@ -283,15 +305,13 @@ def run(opts: EvalOptions) -> dict:
         opts.harmless, "harmless", "eval", opts.text_field, opts.max_prompts, opts.seed
     )
     base_dir, ablated_dir = resolve_model(opts.base), resolve_model(opts.ablated)
-    record = {}
-    if (ablated_dir / RECORD).exists():
-        record = json.loads((ablated_dir / RECORD).read_text())
+    for d in (base_dir, ablated_dir):  # the shard names, before transformers opens them
+        open_index(d)
+    record = record_mod.read(ablated_dir) or {}
     probes: dict[int, torch.Tensor] = {}
-    refuse_path = opts.refuse_file or (Path(record["refuse"]["path"]) if record else None)
-    if refuse_path is not None and refuse_path.exists() and record:
+    refuse_path = _refuse_of(record, opts.refuse_file)
+    if refuse_path is not None:
         probes = _probes(refuse.load(refuse_path), record)
-    elif record:
-        LOG.warning("the .refuse file %s is not here: separation is not measured", refuse_path)
 
     settings = {
         k: v

@@ -12,8 +12,10 @@ from huggingface_hub import HfApi, ModelCard, ModelCardData, get_token, snapshot
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import HfHubHTTPError, LocalEntryNotFoundError
 
+from ablation import record as record_mod
 from ablation.architecture import READERS
 from ablation.errors import AblationError
+from ablation.system import human_bytes
 
 LOG = logging.getLogger(__name__)
 
@@ -222,27 +224,31 @@ def publish(
     if not folder.is_dir():
         raise AblationError(f"{folder} is not a directory")
     files = checkpoint_files(folder)
-    record_path = folder / "ablation.json"
-    if record_path.exists():
-        record = json.loads(record_path.read_text())
+    record = record_mod.read(folder)
+    if record is not None:
         evaluation = None
         if (folder / "eval.json").exists():
-            evaluation = json.loads((folder / "eval.json").read_text())
-        card = model_card(
-            record,
-            evaluation,
-            base_license(folder.joinpath("README.base.md"))
-            if (folder / "README.base.md").exists()
-            else None,
-        )
+            evaluation = record_mod.read_json_object(folder / "eval.json", "the evaluation")
+        try:
+            card = model_card(
+                record,
+                evaluation,
+                base_license(folder.joinpath("README.base.md"))
+                if (folder / "README.base.md").exists()
+                else None,
+            )
+        except (KeyError, TypeError) as exc:  # ablation.json is checked; eval.json is not
+            raise AblationError(
+                f"{folder / 'eval.json'}: not an evaluation this tool wrote (at {exc})"
+            ) from None
     else:
         card = None
         LOG.warning("%s has no ablation.json: its README.md is published as it is", folder)
     total = sum(p.stat().st_size for p in files)
     echo(f"repo       {repo_id} ({'private' if private else 'public'})")
     for p in files:
-        echo(f"file       {p.stat().st_size:>14,d}  {p.relative_to(folder)}")
-    echo(f"total      {total:>14,d}  bytes in {len(files)} files")
+        echo(f"file       {human_bytes(p.stat().st_size):>10}  {p.relative_to(folder)}")
+    echo(f"total      {human_bytes(total):>10}  in {len(files)} files")
     if dry_run:
         if card is not None:
             echo("card:\n" + str(card))

@@ -15,7 +15,7 @@ from tqdm import tqdm
 from ablation import __version__, activations, analysis, directions, prompts, refuse
 from ablation.errors import AblationError
 from ablation.hub import resolve_model
-from ablation.system import peak_rss
+from ablation.system import human_bytes, peak_rss
 
 LOG = logging.getLogger(__name__)
 BASIS_SIZE = 8  # directions of the refusal subspace stored per layer (orders pick k <= this)
@@ -57,7 +57,7 @@ class MeasureSummary:
             f"layers     {self.layers}",
             f"prompts    {self.n_harmful} harmful + {self.n_harmless} harmless",
             f"time       {self.seconds:.1f} s ({n / max(self.seconds, 1e-9):.1f} prompts/s)",
-            f"peak RSS   {self.peak_rss / 2**20:.0f} MiB",
+            f"peak RSS   {human_bytes(self.peak_rss)}",
         ]
         if self.auroc:
             best = max(self.auroc, key=lambda k: self.auroc[k])

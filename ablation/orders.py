@@ -20,6 +20,9 @@ from ablation.errors import AblationError
 
 LOG = logging.getLogger(__name__)
 
+MAX_LAYER = 100_000  # far beyond any model; keeps '0-99999999999' from expanding for hours
+MAX_NODES = 100_000  # YAML nodes in one file (aliases count each time they are used)
+
 # the components and the group shorthands, from the one list in architecture.py
 Component = Literal[(*COMPONENTS, *COMPONENT_GROUPS)]  # type: ignore[valid-type]
 
@@ -29,8 +32,8 @@ class _Kernel(BaseModel):
     at peak +- width; expands to one entry per layer in [peak - width, peak + width]."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
-    peak: int = Field(ge=0)
-    width: int = Field(ge=0)
+    peak: int = Field(ge=0, le=MAX_LAYER)
+    width: int = Field(ge=0, le=MAX_LAYER)
     max_scale: float = 1.0
     min_scale: float = 0.0
 
@@ -131,36 +134,44 @@ def parse_layers(spec: int | str | list[int | str]) -> list[int]:
     out: list[int] = []
     for item in items:
         if isinstance(item, int):
-            out.append(item)
+            out.append(_bounded(item))
             continue
         for part in str(item).split(","):
             part = part.strip()
             lo, sep, hi = part.partition("-")
             try:
-                if sep:
-                    a, b = int(lo), int(hi)
-                    if b < a:
-                        raise ValueError
-                    out.extend(range(a, b + 1))
-                else:
-                    out.append(int(part))
+                a, b = (int(lo), int(hi)) if sep else (int(part), int(part))
             except ValueError:
-                raise ValueError(f"bad layer range {part!r} (want N, N-M or a list)") from None
+                a, b = 0, -1
+            if b < a:
+                raise ValueError(f"bad layer range {part!r} (want N, N-M or a list)")
+            out.extend(range(_bounded(a), _bounded(b) + 1))
     return out
 
 
-def _line_map(node: yaml.Node, path: tuple = (), out: dict | None = None) -> dict[tuple, int]:
-    """YAML path -> 1-based line, for naming where a bad key or value stands."""
-    out = {} if out is None else out
-    out.setdefault(path, node.start_mark.line + 1)
-    if isinstance(node, yaml.MappingNode):
-        for k, v in node.value:
-            key = (*path, k.value)
-            out[key] = k.start_mark.line + 1
-            _line_map(v, key, out)
-    elif isinstance(node, yaml.SequenceNode):
-        for i, v in enumerate(node.value):
-            _line_map(v, (*path, i), out)
+def _bounded(layer: int) -> int:
+    if layer > MAX_LAYER:
+        raise ValueError(f"layer {layer} is beyond any model (at most {MAX_LAYER})")
+    return layer
+
+
+def _line_map(root: yaml.Node) -> dict[tuple, int]:
+    """YAML path -> 1-based line, for naming where a bad key or value stands. Iterative and
+    capped: an alias reused in an alias (a 'billion laughs' file) expands exponentially."""
+    out: dict[tuple, int] = {}
+    stack: list[tuple[tuple, yaml.Node]] = [((), root)]
+    while stack:
+        path, node = stack.pop()
+        out.setdefault(path, node.start_mark.line + 1)
+        if len(out) > MAX_NODES:
+            raise ValueError(f"more than {MAX_NODES} YAML nodes (aliases count each use)")
+        if isinstance(node, yaml.MappingNode):
+            for k, v in node.value:
+                key = (*path, k.value)
+                out[key] = k.start_mark.line + 1
+                stack.append((key, v))
+        elif isinstance(node, yaml.SequenceNode):
+            stack.extend(((*path, i), v) for i, v in enumerate(node.value))
     return out
 
 
@@ -181,23 +192,29 @@ def read_yaml(
     """Read a YAML mapping and validate it against a strict schema; a bad key or value is one
     error naming the file, the line and the key. Returns the parsed model and the line map."""
     try:
-        text = path.read_text()
+        text = path.read_bytes().decode("utf-8")
     except OSError as exc:
         raise AblationError(f"{path}: cannot read {what} ({exc.strerror})") from exc
+    except UnicodeDecodeError as exc:
+        raise AblationError(f"{path}: not UTF-8 text ({exc.reason})") from None
     try:
         node = yaml.compose(text)
         data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f":{mark.line + 1}" if mark else ""
-        raise AblationError(
-            f"{path}{where}: not valid YAML ({getattr(exc, 'problem', exc)})"
-        ) from exc
+        problem = " ".join(str(getattr(exc, "problem", None) or exc).split())
+        raise AblationError(f"{path}{where}: not valid YAML ({problem})") from exc
+    except RecursionError:
+        raise AblationError(f"{path}: not valid YAML (nested too deeply)") from None
     if data is None and not overrides:
         data = {}
     if not isinstance(data, dict):
         raise AblationError(f"{path}: {what} must be a YAML mapping")
-    lines = _line_map(node) if node is not None else {}
+    try:
+        lines = _line_map(node) if node is not None else {}
+    except ValueError as exc:
+        raise AblationError(f"{path}: {what} too large ({exc})") from None
     data.update({k: v for k, v in (overrides or {}).items() if v is not None})
     return validate(data, schema, path, lines), lines
 

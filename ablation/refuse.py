@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import logging
-import pickle
 import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +25,7 @@ FORMAT = "refuse"
 FORMAT_VERSION = "1"
 _KEY = re.compile(
     r"^(harmful|harmless|refuse|refusenorm|harmful_proj|harmless_proj|"
-    r"experts_harmful|experts_harmless|basis)_(\d+)$"
+    r"experts_harmful|experts_harmless|basis)_(\d{1,9})$"
 )
 REQUIRED = ("harmful", "harmless", "refuse", "refusenorm")
 
@@ -87,7 +87,7 @@ def load(path: Path) -> Measurements:
         tensors = load_file(str(path))
 
         with safe_open(str(path), "pt") as f:
-            metadata = dict(f.metadata() or {})
+            metadata = dict(sorted((f.metadata() or {}).items()))  # stored order varies
         if metadata.get("format") != FORMAT:
             raise AblationError(
                 f"{path}: a safetensors file, but not a .refuse file (no format=refuse metadata)"
@@ -104,11 +104,16 @@ def load(path: Path) -> Measurements:
 
 def _load_legacy(path: Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     try:
-        data = torch.load(str(path), map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError) as exc:
+        with warnings.catch_warnings():  # garbage reads as exotic pickle protocols
+            warnings.simplefilter("ignore")
+            data = torch.load(str(path), map_location="cpu", weights_only=True)
+    # torch's restricted unpickler turns arbitrary bytes into any of a dozen exception types
+    # (UnpicklingError, IndexError, KeyError, UnicodeDecodeError, zip errors ...): at this
+    # boundary every one of them means "not a legacy measurement file"
+    except Exception as exc:
         raise AblationError(
             f"{path}: neither a .refuse (safetensors) file nor a legacy "
-            f"measurement dict ({str(exc).splitlines()[0]})"
+            f"measurement dict ({(str(exc).splitlines() or [type(exc).__name__])[0]})"
         ) from exc
     if not isinstance(data, dict):
         raise AblationError(f"{path}: legacy file holds a {type(data).__name__}, not a dict")

@@ -10,6 +10,7 @@ complete.
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -24,27 +25,30 @@ from pathlib import Path
 
 import psutil
 import torch
+from pydantic import BaseModel, ConfigDict, field_validator
 from tqdm import tqdm
 
-from ablation import __version__, directions, edits, refuse
+from ablation import __version__, directions, edits, lock, refuse
+from ablation import record as record_mod
 from ablation.architecture import READERS, Architecture, Target, resolve
 from ablation.checkpoint import (
     ShardIndex,
     copy_file,
     copy_range,
     open_index,
+    read_header,
     read_tensor,
     write_tensor,
 )
 from ablation.errors import AblationError
 from ablation.hub import base_license, hub_id, model_card
 from ablation.orders import LayerOrder, Orders
-from ablation.system import peak_rss, pin_mmap_threshold
+from ablation.system import human_bytes, peak_rss, pin_mmap_threshold
 
 LOG = logging.getLogger(__name__)
 
 MANIFEST = ".ablation-progress.json"
-RECORD = "ablation.json"
+RECORD = record_mod.RECORD
 PARTIAL = ".partial"
 SKIP_DIRS = {".git", ".cache", ".huggingface"}
 
@@ -119,7 +123,7 @@ class Plan:
             f"method     {self.orders.method}, projected={self.orders.projected}, "
             f"components={','.join(self.orders.components)}",
             f"shards     {sum(1 for es in self.shards.values() if es)} of {len(self.shards)} "
-            f"edited, {self.index.total_bytes / 1e9:.2f} GB in all",
+            f"edited, {human_bytes(self.index.total_bytes)} in all",
         ]
         for layer, roles in self.counts_by_layer().items():
             order = next((o for o in self.orders.layers if str(o.layer) == layer), None)
@@ -346,12 +350,18 @@ class Summary:
     peak_rss: int
     edited: dict[str, int]
     shards_skipped: int
+    already_complete: bool = False
 
     def lines(self) -> list[str]:
-        gbps = self.bytes_written / 1e9 / max(self.seconds, 1e-9)
+        if self.already_complete:
+            return [
+                "complete   the output already holds these orders' rewrite, every file in "
+                "place: nothing written"
+            ]
+        rate = self.bytes_written / max(self.seconds, 1e-9)
         return [
-            f"wrote      {self.bytes_written / 1e9:.3f} GB in {self.seconds:.1f} s "
-            f"({gbps:.2f} GB/s); peak RSS {self.peak_rss / 2**20:.0f} MiB",
+            f"wrote      {human_bytes(self.bytes_written)} in {self.seconds:.1f} s "
+            f"({human_bytes(rate)}/s); peak RSS {human_bytes(self.peak_rss)}",
             f"edited     {_roles(self.edited)}"
             + (
                 f"; {self.shards_skipped} shards already complete (resumed)"
@@ -369,36 +379,124 @@ def _is_within(child: Path, parent: Path) -> bool:
         return False
 
 
-def _prepare_output(plan: Plan, out: Path, opts: Options) -> dict:
-    """Check the output directory; return the resume manifest (empty when starting fresh)."""
+def _check_output_path(plan: Plan, out: Path) -> None:
     if _is_within(out, plan.model_dir) or _is_within(plan.model_dir, out):
         raise AblationError(
             f"output {out} overlaps the input {plan.model_dir}; choose a separate directory"
         )
-    fresh = {"fingerprint": plan.fingerprint(), "complete": {}}
     if out.exists() and not out.is_dir():
         raise AblationError(f"output {out} exists and is not a directory")
-    if out.is_dir() and any(out.iterdir()):
-        manifest_path = out / MANIFEST
-        if opts.resume:
-            if not manifest_path.is_file():
-                raise AblationError(f"--resume: {out} has no {MANIFEST} (not a run of this tool)")
-            manifest = json.loads(manifest_path.read_text())
-            if manifest.get("fingerprint") != fresh["fingerprint"]:
-                raise AblationError(
-                    f"--resume: {out} was written with other orders, "
-                    "measurements or model; use --overwrite"
-                )
-            return manifest
-        if not opts.overwrite:
+
+
+class _Manifest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    fingerprint: str
+    complete: dict[str, int]
+    records: list[record_mod.EditEntry] = []
+
+    @field_validator("complete")
+    @classmethod
+    def _plain(cls, v: dict[str, int]) -> dict[str, int]:
+        record_mod.plain_names(list(v))
+        return v
+
+
+def _prepare_output(plan: Plan, out: Path, opts: Options) -> dict | None:
+    """Check the output directory (locked by this run); return the resume manifest (empty
+    when starting fresh), or None when --resume finds the output already complete."""
+    fresh = {"fingerprint": plan.fingerprint(), "complete": {}}
+    if not any(p.name != lock.LOCK for p in out.iterdir()):
+        return fresh
+    manifest_path = out / MANIFEST
+    if opts.resume:
+        if not manifest_path.is_file():
+            _check_complete(plan, out, fresh["fingerprint"])
+            return None
+        manifest = record_mod.read_json_object(manifest_path, "the progress manifest")
+        record_mod.check(manifest, manifest_path, _Manifest)
+        if manifest["fingerprint"] != fresh["fingerprint"]:
             raise AblationError(
-                f"output {out} is not empty (use --overwrite, or --resume to "
-                "finish an interrupted run)"
+                f"--resume: {out} was written with other orders, "
+                "measurements or model; use --overwrite"
             )
-        for p in out.iterdir():
-            if p.is_file() and (p.suffix in {".safetensors", PARTIAL} or p.name == MANIFEST):
-                p.unlink()
+        return _trust_but_check(plan, out, manifest)
+    if not opts.overwrite:
+        raise AblationError(
+            f"output {out} is not empty (use --overwrite, or --resume to finish an interrupted run)"
+        )
+    for p in out.iterdir():
+        if (p.is_file() or p.is_symlink()) and (
+            p.suffix in {".safetensors", PARTIAL} or p.name == MANIFEST
+        ):
+            p.unlink()
     return fresh
+
+
+def _trust_but_check(plan: Plan, out: Path, manifest: dict) -> dict:
+    """A shard the manifest calls complete is kept only if it is still there, whole: one
+    deleted or truncated since is written again."""
+    done = manifest["complete"]
+    for shard in list(done):
+        final = out / shard
+        want = plan.index.shards[shard].size if shard in plan.index.shards else None
+        if want is None or not final.is_file() or final.stat().st_size != want:
+            LOG.warning("%s: listed as complete but missing or cut short: written again", final)
+            del done[shard]
+    manifest["records"] = [r for r in manifest.get("records", []) if r.get("shard") in done]
+    return manifest
+
+
+def _check_complete(plan: Plan, out: Path, fingerprint: str) -> None:
+    """--resume on an output whose run finished (the manifest goes last): fine when the record
+    is of these very orders and every file is in place."""
+    rec = record_mod.read(out)
+    if rec is None:
+        raise AblationError(
+            f"--resume: {out} has neither {MANIFEST} nor {RECORD} (not a run of this tool)"
+        )
+    if rec.get("fingerprint") != fingerprint:
+        what = (
+            "other orders, measurements or model"
+            if rec.get("fingerprint")
+            else "a version of this tool that did not record its plan"
+        )
+        raise AblationError(f"--resume: {out} is a complete output of {what}; use --overwrite")
+    missing = [
+        name
+        for name, header in plan.index.shards.items()
+        if not _same_header(out / name, header.tensors, header.size)
+    ]
+    missing += [
+        str(_aux_destination(plan.model_dir, out, p).relative_to(out))
+        for p in _aux_files(plan.model_dir, plan.index)
+        if not _aux_destination(plan.model_dir, out, p).is_file()
+    ]
+    if not (out / "README.md").is_file():
+        missing.append("README.md")
+    if missing:
+        raise AblationError(
+            f"--resume: {out} was completed with these orders, but "
+            f"{', '.join(missing[:4])}{' ...' if len(missing) > 4 else ''} "
+            f"{'is' if len(missing) == 1 else 'are'} missing or altered; use --overwrite"
+        )
+
+
+def _same_header(path: Path, tensors: dict, size: int) -> bool:
+    if not path.is_file():
+        return False
+    try:
+        header = read_header(path)
+    except AblationError:
+        return False
+    return header.size == size and {
+        n: (t.dtype, t.shape, t.start, t.end) for n, t in header.tensors.items()
+    } == {n: (t.dtype, t.shape, t.start, t.end) for n, t in tensors.items()}
+
+
+def _aux_destination(model_dir: Path, out: Path, p: Path) -> Path:
+    if p.name == "README.md" and p.parent == model_dir:
+        return out / "README.base.md"  # the card takes README.md; nothing is lost
+    return out / p.relative_to(model_dir)
 
 
 def _aux_files(model_dir: Path, index: ShardIndex) -> list[Path]:
@@ -408,29 +506,78 @@ def _aux_files(model_dir: Path, index: ShardIndex) -> list[Path]:
         for f in sorted(files):
             p = Path(root) / f
             rel = p.relative_to(model_dir)
-            if str(rel) in index.shards or f.endswith(PARTIAL) or f == MANIFEST:
+            if str(rel) in index.shards or f.endswith(PARTIAL) or f in (MANIFEST, lock.LOCK):
                 continue
             out.append(p)
     return out
 
 
 def _check_space(out: Path, need: int) -> None:
-    probe = out if out.exists() else out.parent
-    free = shutil.disk_usage(probe).free
+    free = shutil.disk_usage(out).free
     if need > free:
         raise AblationError(
-            f"output {out}: needs {need / 1e9:.2f} GB, only {free / 1e9:.2f} GB free"
+            f"output {out}: needs {human_bytes(need)}, only {human_bytes(free)} free"
         )
 
 
-def _write_json(path: Path, data: dict) -> None:
-    tmp = path.with_name(path.name + PARTIAL)
-    tmp.write_text(json.dumps(data, indent=2))
+def _fresh(path: Path) -> Path:
+    """Make room for a new file at `path`: whatever is there (a stale partial, a symlink into
+    someone's blobs) is unlinked, never written through."""
+    path.unlink(missing_ok=True)
+    return path
+
+
+def _write_file(path: Path, data: bytes) -> None:
+    """Write a small file whole or not at all, as a new inode (never through a link)."""
+    tmp = _fresh(path.with_name(path.name + PARTIAL))
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view) :]
+    finally:
+        os.close(fd)
     os.replace(tmp, path)
 
 
+def _write_json(path: Path, data: dict) -> None:
+    _write_file(path, json.dumps(data, indent=2).encode())
+
+
 def execute(plan: Plan, out: Path, opts: Options) -> Summary:
-    manifest = _prepare_output(plan, out, opts)
+    """Write the plan into `out`, holding the output's lock throughout. A write that fails
+    (disk full, quota, I/O error) stops the run with one line; the shards already complete
+    stay listed in the manifest, the one being written is removed, and --resume finishes."""
+    _check_output_path(plan, out)
+    with lock.hold(out):
+        manifest = _prepare_output(plan, out, opts)
+        if manifest is None:
+            return Summary(0, 0.0, peak_rss(), {}, len(plan.shards), already_complete=True)
+        try:
+            return _stream(plan, out, opts, manifest)
+        except OSError as exc:
+            for shard in plan.shards:  # the threads are done: no partial is open any more
+                if shard not in manifest["complete"]:
+                    (out / (shard + PARTIAL)).unlink(missing_ok=True)
+            (out / (MANIFEST + PARTIAL)).unlink(missing_ok=True)
+            raise _write_error(exc, out, manifest) from exc
+
+
+def _write_error(exc: OSError, out: Path, manifest: dict) -> AblationError:
+    where = exc.filename or out
+    done = len(manifest["complete"])
+    kept = f"the {done} complete shard{'s' if done != 1 else ''} kept" if done else "nothing kept"
+    if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+        return AblationError(
+            f"{where}: {exc.strerror} ({kept}); free some space, then run the same command "
+            "with --resume"
+        )
+    return AblationError(
+        f"{where}: {exc.strerror} ({kept}); once fixed, run the same command with --resume"
+    )
+
+
+def _stream(plan: Plan, out: Path, opts: Options, manifest: dict) -> Summary:
     pin_mmap_threshold()
     if opts.device.type == "cpu":  # leave a core to the copy and writer threads
         torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
@@ -443,7 +590,6 @@ def execute(plan: Plan, out: Path, opts: Options) -> Summary:
     shard_bytes = {s: plan.index.shards[s].size for s in todo}
     need = sum(b for s, b in shard_bytes.items() if plan.shards[s] or not opts.link)
     _check_space(out, need + sum(p.stat().st_size for p in aux))
-    out.mkdir(parents=True, exist_ok=True)
     _write_json(out / MANIFEST, manifest)
 
     proc = psutil.Process()
@@ -457,9 +603,12 @@ def execute(plan: Plan, out: Path, opts: Options) -> Summary:
         manifest names it only after that. One worker runs these in order, so a shard's
         flush overlaps the next shard's reading and writing."""
         if partial is not None:
-            with open(partial, "rb+") as f:
-                os.fsync(f.fileno())
-            os.replace(partial, final)
+            try:
+                with open(partial, "rb+") as f:
+                    os.fsync(f.fileno())
+                os.replace(partial, final)
+            except OSError as exc:
+                raise OSError(exc.errno, exc.strerror, str(partial)) from exc
         records.extend(new)
         done[shard] = shard_bytes[shard]
         _write_json(out / MANIFEST, manifest)
@@ -478,7 +627,7 @@ def execute(plan: Plan, out: Path, opts: Options) -> Summary:
         finishing: list = []
         for shard in todo:
             src, final = plan.model_dir / shard, out / shard
-            partial = final.with_name(final.name + PARTIAL)
+            partial = _fresh(final.with_name(final.name + PARTIAL))
             edits_ = plan.shards[shard]
             new: list[dict] = []
             if not edits_ and opts.link and _try_link(src, final):
@@ -499,11 +648,11 @@ def execute(plan: Plan, out: Path, opts: Options) -> Summary:
         for f in finishing:
             f.result()
     for p in aux:
-        dst = out / p.relative_to(plan.model_dir)
-        if p.name == "README.md" and p.parent == plan.model_dir:
-            dst = out / "README.base.md"  # the card below takes README.md; nothing is lost
+        dst = _aux_destination(plan.model_dir, out, p)
         dst.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(p, dst)
+        tmp = _fresh(dst.with_name(dst.name + PARTIAL))
+        shutil.copyfile(p, tmp)
+        os.replace(tmp, dst)
         written += p.stat().st_size
     _finish(plan, out, opts, records)
     peak = max(peak, peak_rss())
@@ -518,9 +667,7 @@ def execute(plan: Plan, out: Path, opts: Options) -> Summary:
 
 def _try_link(src: Path, dst: Path) -> bool:
     try:
-        if dst.exists():
-            dst.unlink()
-        os.link(src, dst)
+        os.link(src, _fresh(dst))  # a symlinked source (a Hub cache snapshot): its blob
         return True
     except OSError as exc:
         LOG.warning("cannot hard-link %s (%s): copying instead", src.name, exc.strerror)
@@ -549,8 +696,11 @@ class _Mark:
     """How far the kernel copy of a shard has got; edits wait until it has passed them."""
 
     def __init__(self) -> None:
-        self.pos, self.failed = 0, False
+        self.pos, self.failed, self.stopped = 0, False, False
         self.cv = threading.Condition()
+
+    def stop(self) -> None:
+        self.stopped = True
 
     def advance(self, pos: int) -> None:
         with self.cv:
@@ -584,11 +734,13 @@ def _write_shard(
     mark = _Mark()
     records = []
     fd_in = os.open(src, os.O_RDONLY)
-    fd_out = os.open(partial, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o644)
+    fd_out = os.open(partial, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
 
     def copier() -> None:
         try:
             for pos in range(0, size, COPY_STEP):
+                if mark.stopped:
+                    return
                 n = min(COPY_STEP, size - pos)
                 copy_range(fd_in, fd_out, pos, n, progress)
                 mark.advance(pos + n)
@@ -598,22 +750,30 @@ def _write_shard(
 
     try:
         with ThreadPoolExecutor(max_workers=2, thread_name_prefix="io") as pool:
-            copying = pool.submit(copier)
-            writes = []
-            for e in edits_:
-                if not mark.wait(e.target.info.end):
-                    copying.result()  # raises the copy's error
-                budget.take(e.target.info.nbytes)
-                w, record = _edit(plan, e, read_tensor(fd_in, e.target.info), opts)
-                records.append(record)
-                writes.append(pool.submit(_write_back, fd_out, e.target.info, w, budget))
-                del w
-                for f in [f for f in writes if f.done()]:
+            try:
+                copying = pool.submit(copier)
+                writes = []
+                for e in edits_:
+                    if not mark.wait(e.target.info.end):
+                        copying.result()  # raises the copy's error
+                    budget.take(e.target.info.nbytes)
+                    w, record = _edit(plan, e, read_tensor(fd_in, e.target.info), opts)
+                    records.append(record)
+                    writes.append(pool.submit(_write_back, fd_out, e.target.info, w, budget))
+                    del w
+                    for f in [f for f in writes if f.done()]:
+                        f.result()
+                        writes.remove(f)
+                copying.result()
+                for f in writes:
                     f.result()
-                    writes.remove(f)
-            copying.result()
-            for f in writes:
-                f.result()
+            except BaseException:
+                mark.stop()  # the copy leaves at its next step instead of finishing the shard
+                raise
+    except OSError as exc:
+        if exc.filename is None:
+            raise OSError(exc.errno, exc.strerror, str(partial)) from exc
+        raise
     finally:
         os.close(fd_in)
         os.close(fd_out)
@@ -675,11 +835,13 @@ def _finish(plan: Plan, out: Path, opts: Options, records: list[dict]) -> None:
             "num_experts": plan.arch.num_experts,
         },
         "device": str(opts.device),
+        "fingerprint": plan.fingerprint(),
         "counts_by_role": plan.counts_by_role(),
         "counts_by_layer": plan.counts_by_layer(),
         "warnings": plan.warnings,
         "edits": sorted(records, key=lambda r: r["tensor"]),
     }
     _write_json(out / RECORD, record)
-    model_card(record, None, base_license(plan.model_dir)).save(out / "README.md")
+    card = model_card(record, None, base_license(plan.model_dir))
+    _write_file(out / "README.md", str(card).encode())
     (out / MANIFEST).unlink()

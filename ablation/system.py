@@ -32,3 +32,16 @@ def pin_mmap_threshold(nbytes: int = 1 << 20) -> bool:
         return bool(libc.mallopt(M_MMAP_THRESHOLD, nbytes))
     except (OSError, AttributeError):
         return False
+
+
+def human_bytes(n: float) -> str:
+    """A size as people read it (decimal units, as disks and the Hub count): 512 bytes,
+    12.3 KB, 540 MB, 1.75 GB."""
+    if n < 1000:
+        return f"{int(n)} byte" + ("" if int(n) == 1 else "s")
+    for unit in ("KB", "MB", "GB", "TB"):
+        n /= 1000
+        if n < 999.5 or unit == "TB":
+            digits = 2 if n < 9.995 else 1 if n < 99.95 else 0
+            return f"{n:.{digits}f} {unit}"
+    raise AssertionError("unreachable")

@@ -228,6 +228,23 @@ def run_cli(*args: str):
     return CliRunner().invoke(main, [str(a) for a in args])
 
 
+def assert_one_error(res, message: str) -> None:
+    """Exit code 2 and exactly one `error:` line holding `message`, no traceback."""
+    assert res.exit_code == 2, res.output + res.stderr
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, res.stderr
+    assert "Traceback" not in res.stderr + res.output
+    assert message in errors[0], errors[0]
+
+
+def expect_error(tmp_path: Path, orders: Path, message: str, *extra: str) -> None:
+    before = tree_sha256(tmp_path)
+    out_existed = (tmp_path / "out").exists()
+    assert_one_error(run_cli("ablate", orders, *extra), message)
+    assert tree_sha256(tmp_path) == before  # inputs untouched, nothing written
+    assert (tmp_path / "out").exists() == out_existed
+
+
 TINY_TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}<turn> {{ m['role'] }} {{ m['content'] }} <end> "
     "{% endfor %}{% if add_generation_prompt %}<turn> model {% endif %}"
