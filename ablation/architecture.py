@@ -19,6 +19,7 @@ from string import Template
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from ablation import quant
 from ablation.checkpoint import ShardIndex, TensorInfo
 from ablation.errors import AblationError
 
@@ -129,6 +130,9 @@ class Target:
     # writer's output (Gemma's sandwich norms) or to a reader's input (pre-norms); its gain
     # folds into the direction removed
     norm: str | None = None
+    # a float8 weight: its scale tensor (possibly in another shard) and block (quant.py)
+    scale: TensorInfo | None = None
+    block: tuple[int, int] | None = None
 
     @property
     def component(self) -> str:
@@ -155,6 +159,7 @@ class Architecture:
     num_experts: int | None
     tie_embeddings: bool
     index: ShardIndex
+    quant: quant.Fp8 | None = None  # the checkpoint's quantization, when it has one
 
     def layer_prefix(self, layer: int) -> str:
         return self.prefix + Template(self.family.layer).substitute(layer=layer)
@@ -207,21 +212,28 @@ class Architecture:
         return [self._target(n, row, layer, e, norm) for n, e in hits]
 
     def _check_plain(self, name: str) -> None:
-        """A weight stored quantized is never edited as bytes."""
+        """A weight stored in a format quant.py does not edit is never edited as bytes."""
         stem = name.removesuffix(".weight")
+        ours = self.quant.scale_name(name) if self.quant else None
         for suffix, what in QUANT_MARKERS.items():
             for candidate in (stem + suffix, name + suffix):
-                if candidate in self.index.tensors:
+                if candidate in self.index.tensors and candidate != ours:
+                    why = (
+                        "but config.json has no quantization_config to say how"
+                        if self.quant is None and what.startswith("float8")
+                        else "a format that cannot be edited in place; supported: "
+                        + "; ".join(quant.SUPPORTED)
+                    )
                     raise AblationError(
-                        f"tensor {name!r} is stored quantized ({what}: {candidate!r}); "
-                        "dequantize the checkpoint first: quantized bytes are never edited"
+                        f"tensor {name!r} is stored quantized ({what}: {candidate!r}), {why}"
                     )
 
     def _target(
         self, name: str, row: _Row, layer: int | None, expert: int | None, norm: str | None
     ) -> Target:
         info = self.index.tensors[name]
-        if not info.is_float:
+        scale, block = self._scale_of(name, info)
+        if not info.is_float and scale is None:
             raise AblationError(
                 f"tensor {name!r} is {info.dtype}, not a float weight (quantized or packed); "
                 "dequantize the checkpoint first: quantized bytes are never edited"
@@ -234,7 +246,28 @@ class Architecture:
             )
         if norm is not None and norm not in self.index.tensors:
             raise AblationError(f"tensor {name!r}: its norm {norm!r} is missing")
-        return Target(name, row.role, layer, axis, info, expert, norm)
+        return Target(name, row.role, layer, axis, info, expert, norm, scale, block)
+
+    def _scale_of(
+        self, name: str, info: TensorInfo
+    ) -> tuple[TensorInfo | None, tuple[int, int] | None]:
+        """A float8 weight's scale and block, checked against each other."""
+        if info.dtype != "F8_E4M3":
+            return None, None
+        if self.quant is None:
+            raise AblationError(
+                f"tensor {name!r} is float8, but config.json has no quantization_config "
+                "to say how it is scaled"
+            )
+        scale_name = self.quant.scale_name(name)
+        scale = self.index.tensors.get(scale_name)
+        if scale is None:
+            raise AblationError(f"tensor {name!r} is float8 without its scale {scale_name!r}")
+        if scale.dtype not in ("F32", "BF16", "F16", "F8_E8M0"):
+            raise AblationError(f"scale {scale_name!r} is {scale.dtype}, not a float scale")
+        if len(info.shape) < 2:
+            raise AblationError(f"tensor {name!r} is float8 with shape {list(info.shape)}")
+        return scale, self.quant.block_of(info.shape, scale.shape, name)
 
     def _check_experts(self, layer: int, found: list[Target], held: list[str]) -> None:
         experts = [t for t in found if t.role == "expert_out"]
@@ -324,4 +357,5 @@ def resolve(config: dict, index: ShardIndex) -> Architecture:
         num_experts=_first(config, family.num_experts) if family.num_experts else None,
         tie_embeddings=bool(tie),
         index=index,
+        quant=quant.detect(config),
     )

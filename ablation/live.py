@@ -105,6 +105,12 @@ class Layout:
 def apply(model: torch.nn.Module, plan: Plan) -> list[str]:
     """Edit the model's tensors in place as the plan says (each on the device that holds it);
     returns the names of the touched checkpoint tensors, for `restore`."""
+    if plan.arch.quant is not None:
+        raise AblationError(
+            f"{plan.model_dir}: a {plan.arch.quant.name} checkpoint cannot be edited in memory "
+            "(tune, frontier); search on a dequantized copy, then write the orders to the "
+            "float8 checkpoint with sharded_ablate.py"
+        )
     layout = Layout(model)
     touched: dict[str, None] = {}
     for e in plan.edits:

@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 from tqdm import tqdm
 
-from ablation import analysis, orders
+from ablation import analysis, orders, quant
 from ablation.checkpoint import read_tensor
 from ablation.errors import AblationError
 from ablation.refuse import Measurements
@@ -152,9 +152,12 @@ def weight_signal(
     fds: dict[str, int] = {}
     try:
         for layer, t in tqdm(plan, desc="weights", unit="tensor", disable=None):
-            if t.info.shard not in fds:
-                fds[t.info.shard] = os.open(model_dir / t.info.shard, os.O_RDONLY)
+            for info in (t.info, t.scale):
+                if info is not None and info.shard not in fds:
+                    fds[info.shard] = os.open(model_dir / info.shard, os.O_RDONLY)
             w = read_tensor(fds[t.info.shard], t.info)
+            if t.scale is not None and t.block is not None:  # float8: its logical values
+                w = quant.dequantize(w, read_tensor(fds[t.scale.shard], t.scale), t.block)
             out.append(
                 analysis.writer_signal(
                     t.name, t.role, layer, w, meas.layers[layer].refusenorm, t.hidden_axis, null

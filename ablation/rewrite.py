@@ -20,7 +20,7 @@ import threading
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import psutil
@@ -28,11 +28,12 @@ import torch
 from pydantic import BaseModel, ConfigDict, field_validator
 from tqdm import tqdm
 
-from ablation import __version__, directions, edits, lock, refuse
+from ablation import __version__, directions, edits, lock, quant, refuse
 from ablation import record as record_mod
 from ablation.architecture import READERS, Architecture, Target, resolve
 from ablation.checkpoint import (
     ShardIndex,
+    TensorInfo,
     copy_file,
     copy_range,
     open_index,
@@ -130,6 +131,13 @@ class Plan:
             src = f" from measurement {order.measurement}, scale {order.scale:g}" if order else ""
             lines.append(f"layer {layer:>4} {_roles(roles)}{src}")
         lines.append(f"total      {len(self.edits)} tensors: {_roles(self.counts_by_role())}")
+        fp8 = [e for e in self.edits if e.target.scale is not None]
+        if fp8 and a.quant is not None:
+            lines.append(
+                f"float8     {len(fp8)} of them {a.quant.name}"
+                + (", ue8m0 scales" if a.quant.ue8m0 else "")
+                + ": dequantized, edited, requantized with their scales (error feedback)"
+            )
         return lines
 
 
@@ -351,6 +359,7 @@ class Summary:
     edited: dict[str, int]
     shards_skipped: int
     already_complete: bool = False
+    residue: dict[str, dict[str, float]] = field(default_factory=dict)  # float8 edits, by role
 
     def lines(self) -> list[str]:
         if self.already_complete:
@@ -368,6 +377,10 @@ class Summary:
                 if self.shards_skipped
                 else ""
             ),
+        ] + [
+            f"float8     {role}: |r.v|/|v| {r['stored']:.1e} stored (bf16 would leave "
+            f"{r['bf16']:.1e}; round-to-nearest {r['rtn']:.1e})"
+            for role, r in self.residue.items()
         ]
 
 
@@ -579,8 +592,11 @@ def _write_error(exc: OSError, out: Path, manifest: dict) -> AblationError:
 
 def _stream(plan: Plan, out: Path, opts: Options, manifest: dict) -> Summary:
     pin_mmap_threshold()
-    if opts.device.type == "cpu":  # leave a core to the copy and writer threads
-        torch.set_num_threads(max(1, (os.cpu_count() or 2) - 1))
+    if opts.device.type == "cpu":
+        # leave a core to the copy and writer threads, unless float8 edits make the run
+        # compute-bound (their rounding costs several times the edit itself)
+        quantized = any(e.target.scale is not None for e in plan.edits)
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) - (0 if quantized else 1)))
     LOG.info("device %s, compute in %s", opts.device, opts.compute_dtype)
     done: dict = manifest["complete"]
     todo = [s for s in plan.shards if s not in done]
@@ -588,7 +604,10 @@ def _stream(plan: Plan, out: Path, opts: Options, manifest: dict) -> Summary:
     for name in plan.index.unindexed:
         LOG.warning("%s is not in the index: copied unchanged (not ablated)", name)
     shard_bytes = {s: plan.index.shards[s].size for s in todo}
-    need = sum(b for s, b in shard_bytes.items() if plan.shards[s] or not opts.link)
+    deferred = _deferred_scales(plan, opts, todo)
+    need = sum(
+        b for s, b in shard_bytes.items() if plan.shards[s] or s in deferred or not opts.link
+    )
     _check_space(out, need + sum(p.stat().st_size for p in aux))
     _write_json(out / MANIFEST, manifest)
 
@@ -628,15 +647,15 @@ def _stream(plan: Plan, out: Path, opts: Options, manifest: dict) -> Summary:
         for shard in todo:
             src, final = plan.model_dir / shard, out / shard
             partial = _fresh(final.with_name(final.name + PARTIAL))
-            edits_ = plan.shards[shard]
+            edits_, extra = plan.shards[shard], deferred.get(shard, [])
             new: list[dict] = []
-            if not edits_ and opts.link and _try_link(src, final):
+            if not edits_ and not extra and opts.link and _try_link(src, final):
                 bar.update(shard_bytes[shard])
                 partial = None
             else:
-                if edits_:
+                if edits_ or extra:
                     bar.set_postfix_str(shard, refresh=False)
-                    new = _write_shard(plan, src, partial, edits_, opts, bar.update)
+                    new = _write_shard(plan, src, partial, edits_, opts, bar.update, extra)
                     peak = max(peak, proc.memory_info().rss)
                 else:
                     copy_file(src, partial, bar.update)
@@ -662,6 +681,7 @@ def _stream(plan: Plan, out: Path, opts: Options, manifest: dict) -> Summary:
         peak,
         Counter(r["role"] for r in records),
         len(plan.shards) - len(todo),
+        residue=residue_by_role(records),
     )
 
 
@@ -721,20 +741,33 @@ class _Mark:
 COPY_STEP = 256 << 20
 
 
+Write = tuple[TensorInfo, torch.Tensor]  # new bytes for one tensor's byte range
+
+
 def _write_shard(
-    plan: Plan, src: Path, partial: Path, edits_: list[Edit], opts: Options, progress
+    plan: Plan,
+    src: Path,
+    partial: Path,
+    edits_: list[Edit],
+    opts: Options,
+    progress,
+    extra: list[Write] | None = None,
 ) -> list[dict]:
     """A copy thread streams the whole shard into NAME.partial with kernel copies, in file
     order, as cp does; this thread follows behind it, reading each edited tensor once the copy
     has passed it (so from the page cache, not the disk), editing it on the device, and handing
     it to a writer thread that overwrites its byte range, usually before the copied pages
-    reach the disk. At most twice the largest edited tensor waits to be written."""
+    reach the disk. At most twice the largest edited tensor waits to be written. `extra` are
+    writes computed beforehand (the scales of float8 weights that live in other shards)."""
+    extra = extra or []
     size = plan.index.shards[src.name].size
-    budget = _Budget(2 * max(e.target.info.nbytes for e in edits_))
+    largest = max([_nbytes(e) for e in edits_] + [i.nbytes for i, _ in extra] + [1])
+    budget = _Budget(2 * largest)
     mark = _Mark()
     records = []
     fd_in = os.open(src, os.O_RDONLY)
     fd_out = os.open(partial, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+    others = _Inputs(plan.model_dir)
 
     def copier() -> None:
         try:
@@ -753,17 +786,29 @@ def _write_shard(
             try:
                 copying = pool.submit(copier)
                 writes = []
-                for e in edits_:
-                    if not mark.wait(e.target.info.end):
+
+                def submit(info: TensorInfo, t: torch.Tensor) -> None:
+                    if not mark.wait(info.end):
                         copying.result()  # raises the copy's error
-                    budget.take(e.target.info.nbytes)
-                    w, record = _edit(plan, e, read_tensor(fd_in, e.target.info), opts)
-                    records.append(record)
-                    writes.append(pool.submit(_write_back, fd_out, e.target.info, w, budget))
-                    del w
+                    budget.take(info.nbytes)
+                    writes.append(pool.submit(_write_back, fd_out, info, t, budget))
                     for f in [f for f in writes if f.done()]:
                         f.result()
                         writes.remove(f)
+
+                for e in edits_:
+                    if not mark.wait(_end_here(e, src.name)):
+                        copying.result()
+                    parts = _read_parts(e, src.name, fd_in, others)
+                    new, record = _edit(plan, e, parts, opts)
+                    records.append(record)
+                    del parts
+                    for info, t in new:
+                        if info.shard == src.name:  # a scale elsewhere was written beforehand
+                            submit(info, t)
+                    del new
+                for info, t in extra:
+                    submit(info, t)
                 copying.result()
                 for f in writes:
                     f.result()
@@ -777,7 +822,69 @@ def _write_shard(
     finally:
         os.close(fd_in)
         os.close(fd_out)
+        others.close()
     return records
+
+
+def _nbytes(e: Edit) -> int:
+    return e.target.info.nbytes + (e.target.scale.nbytes if e.target.scale else 0)
+
+
+def _end_here(e: Edit, shard: str) -> int:
+    """Where the copy must have got to before the edit can read its tensors in this shard."""
+    ends = [e.target.info.end]
+    if e.target.scale is not None and e.target.scale.shard == shard:
+        ends.append(e.target.scale.end)
+    return max(ends)
+
+
+class _Inputs:
+    """Read-only descriptors of input shards other than the one being written."""
+
+    def __init__(self, root: Path) -> None:
+        self.root, self.fds = root, {}
+
+    def fd(self, shard: str) -> int:
+        if shard not in self.fds:
+            self.fds[shard] = os.open(self.root / shard, os.O_RDONLY)
+        return self.fds[shard]
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+
+def _read_parts(e: Edit, shard: str, fd_in: int, others: _Inputs) -> dict[str, torch.Tensor]:
+    """The tensors one edit reads: the weight, and a float8 weight's scale."""
+    parts = {"weight": read_tensor(fd_in, e.target.info)}
+    scale = e.target.scale
+    if scale is not None:
+        parts["scale"] = read_tensor(
+            fd_in if scale.shard == shard else others.fd(scale.shard), scale
+        )
+    return parts
+
+
+def _deferred_scales(plan: Plan, opts: Options, todo: list[str]) -> dict[str, list[Write]]:
+    """The new scales of float8 weights whose scale sits in another shard, computed before
+    streaming (the edit is deterministic: the weight's own shard computes it again), so that
+    the scale's shard can be written in any order."""
+    out: dict[str, list[Write]] = {}
+    inputs = _Inputs(plan.model_dir)
+    try:
+        for e in plan.edits:
+            scale = e.target.scale
+            if scale is None or scale.shard == e.target.info.shard or scale.shard not in todo:
+                continue
+            parts = _read_parts(e, e.target.info.shard, inputs.fd(e.target.info.shard), inputs)
+            new, _ = _edit(plan, e, parts, opts)
+            out.setdefault(scale.shard, []).extend((i, t) for i, t in new if i is scale)
+    finally:
+        inputs.close()
+    for writes in out.values():
+        writes.sort(key=lambda w: w[0].start)
+    return out
 
 
 def _write_back(fd: int, info, w: torch.Tensor, budget: _Budget) -> None:
@@ -787,31 +894,65 @@ def _write_back(fd: int, info, w: torch.Tensor, budget: _Budget) -> None:
         budget.give(info.nbytes)
 
 
-def _edit(plan: Plan, e: Edit, w: torch.Tensor, opts: Options) -> tuple[torch.Tensor, dict]:
-    """Edit one tensor on the device (in place on the CPU); the edited tensor, back on the CPU,
-    and its entry for ablation.json."""
-    info = e.target.info
-    on_device = w.to(opts.device) if opts.device.type != "cpu" else w
+def _edit(
+    plan: Plan, e: Edit, parts: dict[str, torch.Tensor], opts: Options
+) -> tuple[list[Write], dict]:
+    """Edit one tensor on the device (in place on the CPU); the new tensors, back on the CPU,
+    and the edit's entry for ablation.json. A float8 weight is dequantized, edited and
+    quantized back with its scale (quant.py)."""
+    t = e.target
+    info = t.info
+    d = plan.directions[e.direction]
     spec = e.spec(opts.compute_dtype)
-    residue_abs, residue_rel = edits.project_out_(
-        on_device, plan.directions[e.direction], e.target.hidden_axis, spec
-    )
+    on_device = {k: v.to(opts.device) if opts.device.type != "cpu" else v for k, v in parts.items()}
     record = {
         "tensor": info.name,
         "shard": info.shard,
-        "role": e.target.role,
-        "layer": e.target.layer,
-        "expert": e.target.expert,
+        "role": t.role,
+        "layer": t.layer,
+        "expert": t.expert,
         "measurement": e.measurement,
         "scale": e.scale,
         "method": "norm-preserving" if e.norm_preserving else "standard",
         "direction": e.direction,
-        "directions": int(edits.as_basis(plan.directions[e.direction]).shape[0]),
+        "directions": int(edits.as_basis(d).shape[0]),
         "rows": e.rows,
-        "max_abs_projection": residue_abs,
-        "max_rel_projection": residue_rel,
     }
-    return on_device.cpu(), record
+    if t.scale is None:
+        w = on_device["weight"]
+        residue_abs, residue_rel = edits.project_out_(w, d, t.hidden_axis, spec)
+        record.update(max_abs_projection=residue_abs, max_rel_projection=residue_rel)
+        return [(info, w.cpu())], record
+    assert plan.arch.quant is not None and t.block is not None  # architecture checked both
+    q, s, residue = quant.edit_fp8(
+        on_device["weight"],
+        on_device["scale"],
+        t.block,
+        plan.arch.quant.ue8m0,
+        d.to(on_device["weight"].device),
+        t.hidden_axis,
+        spec,
+    )
+    record.update(
+        max_rel_projection=residue.stored,
+        quantized={"format": plan.arch.quant.name, "block": list(t.block), **asdict(residue)},
+    )
+    return [(info, q.cpu()), (t.scale, s.cpu())], record
+
+
+def residue_by_role(records: list[dict]) -> dict[str, dict[str, float]]:
+    """Worst |r . v| / |v| per role over the float8 edits: the float edit, the same edit
+    stored as bf16, plain round-to-nearest, and what was written (the error feedback acts on
+    single-direction edits; readers' oblique edits are rounded to nearest)."""
+    out: dict[str, dict[str, float]] = {}
+    for r in records:
+        q = r.get("quantized")
+        if not q:
+            continue
+        worst = out.setdefault(r["role"], dict.fromkeys(("float", "bf16", "rtn", "stored"), 0.0))
+        for k in worst:
+            worst[k] = max(worst[k], q[k])
+    return dict(sorted(out.items()))
 
 
 def _finish(plan: Plan, out: Path, opts: Options, records: list[dict]) -> None:
@@ -841,6 +982,12 @@ def _finish(plan: Plan, out: Path, opts: Options, records: list[dict]) -> None:
         "warnings": plan.warnings,
         "edits": sorted(records, key=lambda r: r["tensor"]),
     }
+    if plan.arch.quant is not None:
+        record["quantized"] = {
+            "format": plan.arch.quant.name,
+            "ue8m0": plan.arch.quant.ue8m0,
+            "residue_by_role": residue_by_role(records),
+        }
     _write_json(out / RECORD, record)
     card = model_card(record, None, base_license(plan.model_dir))
     _write_file(out / "README.md", str(card).encode())

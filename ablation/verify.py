@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
-from ablation import edits
+from ablation import edits, quant
 from ablation.checkpoint import TensorInfo, open_index, read_tensor
 from ablation.errors import AblationError
 from ablation.rewrite import Edit, Plan
@@ -40,6 +40,7 @@ def tolerance(dtype: torch.dtype) -> float:
 
 
 def verify(plan: Plan, out: Path) -> Report:
+    """Edited tensors against the expected edit; float8 weights in their dequantized values."""
     out_index = open_index(out)
     report = Report()
     if set(out_index.shards) != set(plan.index.shards):
@@ -55,14 +56,19 @@ def verify(plan: Plan, out: Path) -> Report:
                 report.failures.append(f"{shard}: header or size differs from the input")
                 continue
             planned = {e.target.name: e for e in plan.shards[shard]}
+            scales = {e.target.scale.name for e in plan.edits if e.target.scale is not None}
             fd_in = os.open(header.path, os.O_RDONLY)
             fd_out = os.open(out_header.path, os.O_RDONLY)
             try:
                 if _read(fd_in, 0, _data_start(header)) != _read(fd_out, 0, _data_start(header)):
                     report.failures.append(f"{shard}: header bytes differ")
                 for name, info in header.tensors.items():
-                    if name in planned:
+                    if name in planned and planned[name].target.scale is not None:
+                        _check_quantized(plan, planned[name], out, report)
+                    elif name in planned:
                         _check_edit(plan, planned[name], fd_in, fd_out, report)
+                    elif name in scales:
+                        pass  # a float8 weight's scale: checked with its weight
                     elif not _same_bytes(fd_in, fd_out, info):
                         report.failures.append(f"{name}: not planned for editing, but changed")
                     else:
@@ -123,3 +129,52 @@ def _check_edit(plan: Plan, e: Edit, fd_in: int, fd_out: int, report: Report) ->
             report.failures.append(
                 f"{info.name}: vector norms changed by {change:.2e} (tolerance {tol:.1e})"
             )
+
+
+def _read_pair(root: Path, weight: TensorInfo, scale: TensorInfo) -> tuple[torch.Tensor, ...]:
+    out = []
+    for info in (weight, scale):
+        fd = os.open(root / info.shard, os.O_RDONLY)
+        try:
+            out.append(read_tensor(fd, info))
+        finally:
+            os.close(fd)
+    return tuple(out)
+
+
+def _check_quantized(plan: Plan, e: Edit, out: Path, report: Report) -> None:
+    """A float8 weight: the stored values must lie on the grid points around the float edit
+    of the input's values (quant.py rounds each element to one of the two e4m3 values around
+    it), so |after - want| <= the spacing there, element by element; the residue and the norm
+    change are then bounded by the same spacing, per vector."""
+    t = e.target
+    assert t.scale is not None and t.block is not None
+    q0, s0 = _read_pair(plan.model_dir, t.info, t.scale)
+    q1, s1 = _read_pair(out, t.info, t.scale)
+    want = quant.dequantize(q0, s0, t.block, torch.float64)
+    want = edits.project_out(
+        want, plan.directions[e.direction], t.hidden_axis, e.spec(torch.float64)
+    )
+    after = quant.dequantize(q1, s1, t.block, torch.float64)
+    per = quant.per_element(s1, t.block, q1.shape)
+    # the expected edit is recomputed here in float64, the rewrite ran in float32 (maybe on a
+    # GPU): take the grid points around want widened by a relative 1e-6 on each side
+    grid = want / per
+    lo = quant.bracket(grid - 1e-6 * grid.abs())[0]
+    hi = quant.bracket(grid + 1e-6 * grid.abs())[1]
+    gap = (hi - lo) * per
+    err = (after - want).abs()
+    slack = 1e-9 * want.abs() + 1e-30
+    report.edited += 1
+    if (err > gap + slack).any():
+        i = int((err - gap).argmax())
+        report.failures.append(
+            f"{t.info.name}: element {i} is {err.flatten()[i].item():.3e} from the expected "
+            f"edit, more than the float8 grid spacing there ({gap.flatten()[i].item():.3e})"
+        )
+    _, rel = edits.projection_residue(after, plan.directions[e.direction], t.hidden_axis)
+    report.worst_residue = max(report.worst_residue, rel)
+    if e.norm_preserving:
+        report.worst_norm_change = max(
+            report.worst_norm_change, edits.norm_change(want, after, t.hidden_axis)
+        )

@@ -11,7 +11,11 @@ files warmed:
 Reports wall time, peak RSS (psutil, sampled every 5 ms), GB written, GB/s and the ratio to the
 floor; writes bench/results.json and bench/results.png.
 
-usage: python bench/rewrite.py [--sizes 2 4 8] [--dir /tmp/ablation-bench]
+With --fp8 the checkpoints are in DeepSeek-V3's float8 layout (128x128 block scales, an MTP
+layer): floor and ablation only (the baseline has no float8 codec), and the residue per role
+that requantization leaves, from ablation.json; written to results_fp8.json / .png.
+
+usage: python bench/rewrite.py [--sizes 2 4 8] [--dir /tmp/ablation-bench] [--fp8]
 """
 
 from __future__ import annotations
@@ -85,8 +89,8 @@ def baseline(orders_path: str, out: str) -> None:
     subprocess.run(["sync"], check=True)
 
 
-def run_size(size: float, work: Path) -> dict:
-    src = work / f"moe-{size:g}gb"
+def run_size(size: float, work: Path, fp8: bool = False) -> dict:
+    src = work / f"moe{'-fp8' if fp8 else ''}-{size:g}gb"
     if not (src / "config.json").exists():
         shutil.rmtree(src, ignore_errors=True)
         subprocess.run(
@@ -96,6 +100,7 @@ def run_size(size: float, work: Path) -> dict:
                 str(src),
                 "--size-gb",
                 str(size),
+                *(["--fp8"] if fp8 else []),
             ],
             check=True,
             stdout=subprocess.DEVNULL,
@@ -120,6 +125,8 @@ def run_size(size: float, work: Path) -> dict:
             str(work / "out"),
         ],
     }
+    if fp8:
+        del runs["baseline"]
     row: dict = {"size_gb": total / 1e9, "runs": {}}
     edited = None
     for name, cmd in runs.items():
@@ -144,6 +151,8 @@ def run_size(size: float, work: Path) -> dict:
             index = open_index(src)
             row["edited_bytes"] = sum(index.tensors[t].nbytes for t in sizes)
             row["largest_edited_mib"] = max(index.tensors[t].nbytes for t in sizes) / 2**20
+            if "quantized" in record:
+                row["residue_by_role"] = record["quantized"]["residue_by_role"]
     shutil.rmtree(work / "out", ignore_errors=True)
     floor = row["runs"]["floor"]["seconds"]
     for r in row["runs"].values():
@@ -161,7 +170,7 @@ def chart(rows: list[dict], path: Path) -> None:
 
     fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
     x = [r["size_gb"] for r in rows]
-    for name in ("floor", "baseline", "ablation"):
+    for name in [n for n in ("floor", "baseline", "ablation") if n in rows[0]["runs"]]:
         a.plot(x, [r["runs"][name]["seconds"] for r in rows], marker="o", label=name)
         b.plot(x, [r["runs"][name]["peak_rss_mib"] for r in rows], marker="o", label=name)
     a.set(xlabel="checkpoint (GB)", ylabel="wall time (s)", title="time")
@@ -179,6 +188,7 @@ def main() -> int:
     ap.add_argument("--dir", type=Path, default=Path("/tmp/ablation-bench"))
     ap.add_argument("--keep", action="store_true", help="Keep the synthetic checkpoints.")
     ap.add_argument("--child-baseline", nargs=2, metavar=("ORDERS", "OUT"))
+    ap.add_argument("--fp8", action="store_true", help="Float8 checkpoints (DeepSeek-V3 layout).")
     args = ap.parse_args()
     if args.child_baseline:
         baseline(*args.child_baseline)
@@ -190,7 +200,7 @@ def main() -> int:
         f"{'peak RSS MiB':>12}"
     )
     for size in args.sizes:
-        row = run_size(size, args.dir)
+        row = run_size(size, args.dir, args.fp8)
         rows.append(row)
         for name, r in row["runs"].items():
             print(
@@ -199,9 +209,18 @@ def main() -> int:
                 f"{r['peak_rss_mib']:12.0f}",
                 flush=True,
             )
+        for role, r in row.get("residue_by_role", {}).items():
+            print(
+                f"{'':6} residue {role:>18}: stored {r['stored']:.1e}, bf16 {r['bf16']:.1e}, "
+                f"round-to-nearest {r['rtn']:.1e}",
+                flush=True,
+            )
         if not args.keep:
-            shutil.rmtree(args.dir / f"moe-{size:g}gb", ignore_errors=True)
-    out = Path(__file__).with_name("results.json")
+            shutil.rmtree(
+                args.dir / f"moe{'-fp8' if args.fp8 else ''}-{size:g}gb", ignore_errors=True
+            )
+    stem = "results_fp8" if args.fp8 else "results"
+    out = Path(__file__).with_name(stem + ".json")
     out.write_text(
         json.dumps(
             {
@@ -213,8 +232,8 @@ def main() -> int:
         )
         + "\n"
     )
-    chart(rows, Path(__file__).with_name("results.png"))
-    print(f"written {out} and results.png")
+    chart(rows, Path(__file__).with_name(stem + ".png"))
+    print(f"written {out} and {stem}.png")
     return 0
 
 
