@@ -8,13 +8,18 @@ blocks in `weight_scale_inv`), per output channel or per tensor (compressed-tens
 whole hidden-axis vectors, edits it with the float kernels, and quantizes it back here:
 
 - scale per block from the edited block's absmax over 448 (e4m3's largest value), rounded to
-  the scale's stored dtype (and up to a power of two for `scale_fmt: ue8m0`); values rounded to
-  nearest e4m3, so dequantize(quantize(x)) is a fixed point of the codec;
+  the scale's stored dtype (and up to a power of two for `scale_fmt: ue8m0`), so
+  dequantize(quantize(x)) is a fixed point of the codec;
 - blocks whose values the edit left exactly as they were keep their original bytes;
-- error feedback: rounding to e4m3 puts part of the removed direction back (|r . v_q| of about
-  2^-4 |v| / sqrt(hidden) per vector, ~16x what bf16 leaves). Per vector, the elements whose
-  rounding was closest to a tie are rounded the other way, cheapest first, until the leftover
-  projection is cancelled: the same grid, the same scales, one grid step at most per element.
+- every other element is stored as one of the two e4m3 values around its edited value
+  (`grid_bracket`), but not simply the nearer one: an edit moves each element by less than half
+  a grid step, so plain rounding snaps most of them back and restores much of the removed
+  component (|r . v| / |v| near 1e-2, ~50x what bf16 storage leaves). Two shifted roundings
+  (each vector shifted along r by what the last rounding left along r) remove most of it; then
+  error feedback flips single elements to their other neighbour, cheapest per projection fixed
+  first, on the vectors still above the level bf16 would leave, up to five rounds. The scales
+  stay those of the absmax; no element moves more than one grid step from its edited value
+  (what `verify` checks).
 """
 
 from __future__ import annotations
@@ -170,15 +175,10 @@ def _scales(
 ) -> torch.Tensor:
     """Per-block absmax / 448, rounded to the stored scale dtype: [..., R, C] in that dtype."""
     rows, cols = w.shape[-2:]
-    pad_r, pad_c = -rows % block[0], -cols % block[1]
-    a = torch.nn.functional.pad(w.abs(), (0, pad_c, 0, pad_r))
+    a = torch.nn.functional.pad(w.abs(), (0, -cols % block[1], 0, -rows % block[0]))
     lead = a.shape[:-2]
     R, C = a.shape[-2] // block[0], a.shape[-1] // block[1]
-    amax = a.reshape(*lead, R, block[0], C, block[1]).amax(dim=(-3, -1)).double()
-    s = amax / E4M3_MAX
-    if ue8m0:
-        s = torch.exp2(torch.ceil(torch.log2(s.clamp_min(2.0**-127))))
-    return torch.where(amax > 0, s, torch.ones_like(s)).to(like.dtype)
+    return _from_amax(a.reshape(*lead, R, block[0], C, block[1]).amax(dim=(-3, -1)), like, ue8m0)
 
 
 def quantize(
@@ -275,23 +275,39 @@ class Residue:
             setattr(self, k, max(getattr(self, k), v))
 
 
-def _slabs(shape: tuple[int, ...], axis: int, block: tuple[int, int], whole: bool):
-    """Index tuples into a weight [..., out, in] (and its scale grid), each a slab of whole
-    blocks and whole vectors along `axis` (one of the last two)."""
+def _slabs(
+    shape: tuple[int, ...], axis: int, block: tuple[int, int], whole: bool
+) -> tuple[list[tuple[tuple, tuple]], bool]:
+    """Index tuples into a weight [..., out, in] and its scale grid, each a slab of whole
+    vectors along `axis` (one of the last two); and whether slabs cut through blocks. A slab
+    holds whole blocks when a block fits the slab budget; a block wider than that (a channel
+    or a whole tensor as one block) is cut into slabs that each lie inside one block, and the
+    scales are then found in a first pass."""
     lead = shape[:-2]
     other = (len(shape) - 1) if axis == len(shape) - 2 else (len(shape) - 2)
     k = other - (len(shape) - 2)  # 0: slabs of rows, 1: slabs of columns
-    unit = block[k]
-    length = shape[other]
-    per = length if whole else max(unit, (SLAB_ELEMENTS // max(1, shape[axis])) // unit * unit)
+    unit, length = block[k], shape[other]
+    budget = max(1, SLAB_ELEMENTS // max(1, shape[axis]))  # vectors per slab
+    split = False
+    if whole or length <= budget:
+        per = length
+    elif unit <= budget:
+        per = budget // unit * unit
+    else:  # the largest divisor of the block width within budget: slabs never straddle blocks
+        per = max(n for n in range(1, budget + 1) if unit % n == 0)
+        split = per < unit
+    cuts = []
     for idx in itertools.product(*(range(n) for n in lead)):
         for a in range(0, length, per):
             cut = slice(a, min(a + per, length))
             cut_s = slice(a // unit, -(-min(a + per, length) // unit))
-            if k == 0:
-                yield (*idx, cut, slice(None)), (*idx, cut_s, slice(None))
-            else:
-                yield (*idx, slice(None), cut), (*idx, slice(None), cut_s)
+            pair = (
+                ((*idx, cut, slice(None)), (*idx, cut_s, slice(None)))
+                if k == 0
+                else ((*idx, slice(None), cut), (*idx, slice(None), cut_s))
+            )
+            cuts.append(pair)
+    return cuts, split
 
 
 def edit_fp8(
@@ -306,24 +322,74 @@ def edit_fp8(
     """The edit of a float8 weight q [..., out, in] with its scales, slab by slab: dequantize,
     edit with the float kernel, quantize, feed the rounding back. Returns new (q, scale) in
     the stored dtypes and shapes, and the residues. Sparse surgery (rows < 1) ranks vectors
-    across the whole tensor, so it takes the tensor as one slab."""
+    across the whole tensor, so it takes the tensor as one slab. When a block is wider than a
+    slab (per-channel scales of a writer, a per-tensor scale), a first pass edits every slab
+    for the blocks' new absmax only, and the second edits again (the same bytes: the edit is
+    deterministic) and rounds on those scales: twice the edit, memory one slab."""
     q, scale = q.clone(), scale.clone()
     grid = _grid(scale, q.shape)
     single = d.ndim == 1 or (d.ndim == 2 and d.shape[0] == 1)
+    cols = axis == q.ndim - 2  # vectors are columns: slabs are edited transposed, as rows
+    cuts, split = _slabs(tuple(q.shape), axis, block, whole=spec.rows < 1.0)
+    fixed = None
+    if split:
+        amax = torch.zeros(grid.shape, dtype=torch.float32, device=q.device)
+        touched = torch.zeros(grid.shape, dtype=torch.bool, device=q.device)
+        for cut, cut_s in cuts:
+            q_slab, s_slab = q[cut], grid[cut_s]
+            if cols:  # the orientation of the second pass: the very same float edit
+                x, changed = _edited(q_slab.T.contiguous(), s_slab.T, block[::-1], d, spec)
+                x, changed = x.T, changed.T
+            else:
+                x, changed = _edited(q_slab, s_slab, block, d, spec)
+            amax[cut_s] = torch.maximum(amax[cut_s], _block_reduce(x.abs(), block, "amax"))
+            touched[cut_s] |= _block_reduce(changed, block, "any")
+        new_grid = torch.where(touched, _from_amax(amax, grid, ue8m0), grid)
+        fixed = (new_grid, ~touched)
     res = Residue()
-    for cut, cut_s in _slabs(tuple(q.shape), axis, block, whole=spec.rows < 1.0):
-        q_slab, s_slab = q[cut], grid[cut_s]
-        if axis == q.ndim - 2:  # vectors are columns: edit the transpose, vectors as rows
+    source = grid.clone()  # slabs sharing a block read its old scale, not the one written
+    for cut, cut_s in cuts:
+        q_slab, s_slab = q[cut], source[cut_s]
+        given = (fixed[0][cut_s], fixed[1][cut_s]) if fixed else None
+        if cols:
+            given = (given[0].T, given[1].T) if given else None
             new_q, new_s, stages = _edit_rows(
-                q_slab.T.contiguous(), s_slab.T, block[::-1], ue8m0, d, single, spec
+                q_slab.T.contiguous(), s_slab.T, block[::-1], ue8m0, d, single, spec, given
             )
             new_q, new_s = new_q.T, new_s.T
         else:
-            new_q, new_s, stages = _edit_rows(q_slab, s_slab, block, ue8m0, d, single, spec)
+            new_q, new_s, stages = _edit_rows(q_slab, s_slab, block, ue8m0, d, single, spec, given)
         q[cut] = new_q
         grid[cut_s] = new_s
         res.update(**stages)
     return q, grid.reshape(scale.shape), res
+
+
+def _edited(
+    q: torch.Tensor, s: torch.Tensor, block: tuple[int, int], d: torch.Tensor, spec
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """A slab's float edit (vectors as rows) and which elements it changed."""
+    orig = dequantize(q, s, block)
+    x = orig.clone()
+    edits.project_out_(x, d, 1, spec)
+    return x, x != orig
+
+
+def _block_reduce(x: torch.Tensor, block: tuple[int, int], how: str) -> torch.Tensor:
+    """Per-block amax (or any) of a 2-D slab that starts on a block boundary: [R, C]."""
+    rows, cols = x.shape
+    pad = torch.nn.functional.pad(x, (0, -cols % block[1], 0, -rows % block[0]))
+    R, C = pad.shape[0] // block[0], pad.shape[1] // block[1]
+    tiles = pad.reshape(R, block[0], C, block[1])
+    return tiles.amax(dim=(1, 3)) if how == "amax" else tiles.any(dim=3).any(dim=1)
+
+
+def _from_amax(amax: torch.Tensor, like: torch.Tensor, ue8m0: bool) -> torch.Tensor:
+    """Scales from block absmax, in the stored scale dtype."""
+    s = amax.double() / E4M3_MAX
+    if ue8m0:
+        s = torch.exp2(torch.ceil(torch.log2(s.clamp_min(2.0**-127))))
+    return torch.where(amax > 0, s, torch.ones_like(s)).to(like.dtype)
 
 
 def _edit_rows(
@@ -334,15 +400,17 @@ def _edit_rows(
     d: torch.Tensor,
     single: bool,
     spec: edits.EditSpec,
+    given: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
-    """One slab q [n, hidden] (whole vectors as rows, whole blocks) and its scales [R, C].
+    """One slab q [n, hidden] (whole vectors as rows) and its scales [R, C]: whole blocks, or
+    (given) the new scales and which blocks keep their bytes, found over the whole tensor.
     The rounding works on grid values in float32 and converts to float8 once (conversions
     dominate the cost on a CPU)."""
     basis = edits.as_basis(d)
     orig = dequantize(q, s, block)
     x = orig.clone()
     _, rel = edits.project_out_(x, d, 1, spec)
-    new_s = _scales(x, block, s, ue8m0)
+    new_s = _scales(x, block, s, ue8m0) if given is None else given[0]
     per = _expand(new_s.float(), block, *x.shape)
     t = x / per  # the edit in grid units
     lo, hi = grid_bracket(t)
@@ -365,7 +433,7 @@ def _edit_rows(
                 break
             fixed = feedback(v[rows], t[rows], lo[rows], hi[rows], per[rows], r)
             v = v.index_copy(0, rows, fixed)
-    kept = ~_block_any(changed, block)  # [R, C]: blocks the edit did not touch
+    kept = ~_block_reduce(changed, block, "any") if given is None else given[1]  # [R, C]
     new_s = torch.where(kept, s, new_s)
     keep = _expand(kept, block, *x.shape)
     new_q = v.to(torch.float8_e4m3fn)  # exact: every value is on the grid
@@ -403,13 +471,6 @@ def bracket(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     value = near.to(t.dtype)
     other = torch.where(value == t, value, neighbour(near, t > value).to(t.dtype))
     return torch.minimum(value, other), torch.maximum(value, other)
-
-
-def _block_any(mask: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
-    rows, cols = mask.shape
-    m = torch.nn.functional.pad(mask, (0, -cols % block[1], 0, -rows % block[0]))
-    R, C = m.shape[0] // block[0], m.shape[1] // block[1]
-    return m.reshape(R, block[0], C, block[1]).any(dim=3).any(dim=1)
 
 
 def _rel(w: torch.Tensor, basis: torch.Tensor) -> float:

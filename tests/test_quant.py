@@ -22,9 +22,10 @@ E4M3 = torch.arange(256, dtype=torch.int32).to(torch.uint8).view(torch.float8_e4
 FINITE = E4M3[~E4M3.isnan()].unique()  # every finite e4m3 value, sorted
 
 
-def reference_quantize(w: torch.Tensor, block, scale_dtype=torch.float32):
+def reference_quantize(w: torch.Tensor, block, scale_dtype=torch.float32, ue8m0: bool = False):
     """An independent block quantizer, as the releases' own scripts write them: per block
-    absmax / 448, values rounded to nearest e4m3 (edge blocks cropped)."""
+    absmax / 448 (rounded up to a power of two for ue8m0), values rounded to nearest e4m3
+    (edge blocks cropped)."""
     rows, cols = w.shape
     R, C = math.ceil(rows / block[0]), math.ceil(cols / block[1])
     q = torch.empty(rows, cols, dtype=torch.float8_e4m3fn)
@@ -32,7 +33,10 @@ def reference_quantize(w: torch.Tensor, block, scale_dtype=torch.float32):
     for i in range(R):
         for j in range(C):
             b = w[i * block[0] : (i + 1) * block[0], j * block[1] : (j + 1) * block[1]].float()
-            scale = (b.abs().max() / 448).to(scale_dtype)
+            scale = b.abs().max() / 448
+            if ue8m0:
+                scale = torch.exp2(torch.ceil(torch.log2(scale)))
+            scale = scale.to(scale_dtype)
             s[i, j] = scale
             q[i * block[0] : (i + 1) * block[0], j * block[1] : (j + 1) * block[1]] = (
                 b / scale.float()
@@ -169,6 +173,7 @@ def make_fp8(
     scale_suffix: str = ".weight_scale_inv",
     qconfig: dict | None = None,
     scales_apart: tuple[str, ...] = (),
+    dense: tuple[str, ...] = (),
 ) -> Path:
     """A float8 copy of a checkpoint written by the reference quantizer, shard for shard;
     the scales of the weights named in `scales_apart` go to a shard of their own."""
@@ -179,11 +184,12 @@ def make_fp8(
     for shard in sorted(set(index["weight_map"].values())):
         out = {}
         for name, t in load_file(src / shard).items():
-            if not is_quantized(name, t):
-                out[name] = t
+            if not is_quantized(name, t) or any(k in name for k in dense):
+                out[name] = t  # left in bf16/f32, as modules_to_not_convert lists them
                 continue
             grid_block = {"channel": (1, t.shape[1]), "tensor": tuple(t.shape)}.get(block, block)
-            q, s = reference_quantize(t, grid_block)
+            ue8m0 = (qconfig or {}).get("scale_fmt") == "ue8m0"
+            q, s = reference_quantize(t, grid_block, ue8m0=ue8m0)
             if block == "tensor":
                 s = s.reshape(1)
             out[name] = q
@@ -450,3 +456,54 @@ def test_analyze_reads_fp8_weights_as_their_values(tmp_path, checkpoint, job):
     for a, b in zip(signals["fp8"], signals["dense"], strict=True):
         assert a["tensor"] == b["tensor"]
         assert a["energy_ratio"] == pytest.approx(b["energy_ratio"], rel=1e-5)
+
+
+def test_fp8_ue8m0_with_layers_left_dense(tmp_path, checkpoint, job):
+    """DeepSeek-V3.1 style: scale_fmt ue8m0 (scales stay powers of two after the edit), and
+    modules_to_not_convert: some projections stay float and get the plain edit beside the
+    float8 ones."""
+    qconfig = {**FP8_CONFIG, "weight_block_size": [8, 8], "scale_fmt": "ue8m0"}
+    model = make_fp8(
+        checkpoint("deepseek_v3"), tmp_path / "fp8", (8, 8), qconfig=qconfig, dense=("o_proj",)
+    )
+    orders = job(model, components=["writers"])
+    res = run_cli("ablate", orders)
+    assert res.exit_code == 0, res.output + res.stderr
+    assert "ue8m0 scales" in res.output
+    assert run_cli("verify", tmp_path / "out", "--orders", orders).exit_code == 0
+    record = json.loads((tmp_path / "out" / "ablation.json").read_text())
+    kinds = {e["role"]: "quantized" in e for e in record["edits"]}
+    assert kinds["attn_out"] is False and kinds["expert_out"] is True
+    after = tensors_of(tmp_path / "out")
+    for name, t in after.items():
+        if name.endswith("_scale_inv"):
+            assert torch.equal(torch.exp2(torch.log2(t).round()), t), name
+
+
+@pytest.mark.parametrize("block", [(1, 384), (512, 384), (128, 128)])
+def test_blocks_wider_than_a_slab_take_two_passes(monkeypatch, block):
+    """A writer whose blocks are wider than the slab budget (per-channel rows of a 405B-size
+    down_proj, a per-tensor scale): scales from the whole tensor's absmax in a first pass, the
+    same scales as one whole-tensor slab gives, and the result on the grid around the edit."""
+    g = torch.Generator().manual_seed(4)
+    w = torch.randn(512, 384, generator=g) * 0.02  # a writer [hidden, in], vectors are columns
+    like = torch.zeros(math.ceil(512 / block[0]), math.ceil(384 / block[1]))
+    q, s = quant.quantize(w, like, block)
+    r = torch.randn(512, generator=g)
+    r /= r.norm()
+    spec = edits.EditSpec(1.0, True)
+    _, s_whole, _ = quant.edit_fp8(q, s, block, False, r, 0, spec)
+    monkeypatch.setattr(quant, "SLAB_ELEMENTS", 512 * 8)  # 8 columns per slab
+    cuts, split = quant._slabs((512, 384), 0, block, whole=False)
+    assert split == (block[1] > 8) and len(cuts) == 384 // 8
+    q_split, s_split, res = quant.edit_fp8(q, s, block, False, r, 0, spec)
+    assert torch.equal(s_split, s_whole)
+    want = edits.project_out(
+        quant.dequantize(q, s, block, torch.float64), r, 0, edits.EditSpec(1.0, True, torch.float64)
+    )
+    per = quant.per_element(s_split, block, q_split.shape)
+    t = want / per  # float64 here, float32 in the rewrite: widened by 1e-6 as verify does
+    lo, hi = quant.bracket(t - 1e-6 * t.abs())[0], quant.bracket(t + 1e-6 * t.abs())[1]
+    got = q_split.double()
+    assert ((got >= lo - 1e-9) & (got <= hi + 1e-9)).all()
+    assert res.stored <= 2 * res.bf16, res
