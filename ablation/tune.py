@@ -20,6 +20,7 @@ with the same parameters; the trial count is a budget for the whole study, not p
 
 from __future__ import annotations
 
+import datetime
 import hashlib
 import json
 import logging
@@ -359,13 +360,13 @@ def run(opts: TuneOptions) -> Result:
     )
 
     def objective(trial) -> tuple[float, float]:
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")  # alive
         if _live_before(study, trial.number) >= opts.trials:
             trial.set_user_attr("surplus", True)  # another worker took the last slot
             raise optuna.TrialPruned()
         values = space.suggest(trial, bound)
         body = space.orders_body(values, n)
         trial.set_user_attr("orders", body)
-        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
         t0 = time.perf_counter()
         numbers = scorer.score(body, f"trial {trial.number}")
         for k, v in numbers.items():
@@ -388,7 +389,8 @@ def run(opts: TuneOptions) -> Result:
             running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
             waiting = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
             if not waiting and done + len(running) >= opts.trials:
-                time.sleep(min(opts.heartbeat, 5))  # the last trials run elsewhere (or died)
+                if not _fail_orphans(study, running, max(30.0, 3 * opts.heartbeat)):
+                    time.sleep(min(opts.heartbeat, 5))  # the last trials run elsewhere
                 continue
             study.optimize(objective, n_trials=1, catch=())
 
@@ -400,6 +402,26 @@ def run(opts: TuneOptions) -> Result:
     result.seconds = time.perf_counter() - t_start
     write_outputs(opts, result, model_dir, url)
     return result
+
+
+def _fail_orphans(study, running: list, age: float) -> int:
+    """A worker killed between creating a trial and its first heartbeat leaves a RUNNING trial
+    that no heartbeat check will ever fail, and the budget waits on it forever. A live worker
+    names itself on the trial (user attr "worker") within moments of creating it; a RUNNING
+    trial still nameless after `age` seconds is an orphan: failed here. Returns how many."""
+    optuna = _optuna()
+    now = datetime.datetime.now()
+    orphans = [
+        t
+        for t in running
+        if "worker" not in t.user_attrs
+        and t.datetime_start is not None
+        and (now - t.datetime_start).total_seconds() > age
+    ]
+    for t in orphans:
+        LOG.warning("trial %d: its worker died before starting it; failed", t.number)
+        study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+    return len(orphans)
 
 
 def _requeue_interrupted(study) -> None:

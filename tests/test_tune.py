@@ -265,6 +265,28 @@ def test_kill_and_resume_continue_one_study(setup, tmp_path):
         assert all(retried[0].params[k] == v for k, v in t.params.items())
 
 
+def test_a_trial_orphaned_before_its_first_heartbeat_is_failed(tmp_path):
+    """A worker killed between creating a trial and its first heartbeat leaves a RUNNING trial
+    no heartbeat check fails; the budget must not wait on it forever (seen as a hung resume)."""
+    from ablation import tune
+
+    storage = optuna.storages.RDBStorage(
+        f"sqlite:///{tmp_path / 'study.db'}", heartbeat_interval=1, grace_period=2
+    )
+    study = optuna.create_study(storage=storage, directions=["minimize", "minimize"])
+    orphan = study.ask()  # RUNNING, never heartbeated, never named by a worker
+    alive = study.ask()
+    alive.set_user_attr("worker", "host:1")
+    running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+    assert tune._fail_orphans(study, running, age=60.0) == 0  # too young to call
+    assert tune._fail_orphans(study, running, age=0.0) == 1
+    states = {t.number: t.state for t in study.get_trials(deepcopy=False)}
+    assert states == {
+        orphan.number: optuna.trial.TrialState.FAIL,
+        alive.number: optuna.trial.TrialState.RUNNING,
+    }
+
+
 def test_two_workers_finish_one_study(setup, tmp_path):
     model_dir, refuse_path, _ = setup
     cmd = _cmd(tmp_path, model_dir, refuse_path, "tune", 8, "--resume")
