@@ -357,5 +357,17 @@ def resolve(config: dict, index: ShardIndex) -> Architecture:
         num_experts=_first(config, family.num_experts) if family.num_experts else None,
         tie_embeddings=bool(tie),
         index=index,
-        quant=quant.detect(config),
+        quant=_scheme(config, index),
     )
+
+
+def _scheme(config: dict, index: ShardIndex) -> quant.Fp8 | None:
+    """The quantization to edit through. A config that names one this tool cannot edit is an
+    error only if the weights really are quantized: dequantized copies often keep the key."""
+    try:
+        return quant.detect(config)
+    except AblationError as exc:
+        if any(not t.is_float for t in index.tensors.values()):
+            raise
+        LOG.warning("%s; but every tensor is a float: edited as floats", exc)
+        return None

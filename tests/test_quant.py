@@ -507,3 +507,16 @@ def test_blocks_wider_than_a_slab_take_two_passes(monkeypatch, block):
     got = q_split.double()
     assert ((got >= lo - 1e-9) & (got <= hi + 1e-9)).all()
     assert res.stored <= 2 * res.bf16, res
+
+
+def test_leftover_quantization_config_on_float_weights(tmp_path, checkpoint, job):
+    """A dequantized copy that kept its quantization_config (mxfp4 here) is edited as floats:
+    the config only matters where the weights really are quantized."""
+    model = tmp_path / "model"
+    shutil.copytree(checkpoint("gpt_oss"), model)
+    config = json.loads((model / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "mxfp4"}
+    (model / "config.json").write_text(json.dumps(config))
+    res = run_cli("ablate", job(model))
+    assert res.exit_code == 0, res.output + res.stderr
+    assert "every tensor is a float: edited as floats" in res.stderr
