@@ -12,7 +12,7 @@ from pathlib import Path
 import jinja2
 import torch
 
-from ablation.checkpoint import INDEX_NAME, read_weight_map
+from ablation.checkpoint import check_shard_names
 from ablation.errors import AblationError
 
 LOG = logging.getLogger(__name__)
@@ -44,9 +44,7 @@ def load_model(
             kwargs["device_map"] = "auto"
     else:
         kwargs["device_map"] = device
-    index = Path(path) / INDEX_NAME
-    if index.is_file():  # its shard names, before transformers turns them into paths
-        read_weight_map(index)
+    check_shard_names(Path(path))
     try:
         tokenizer = transformers.AutoTokenizer.from_pretrained(path)
         try:

@@ -201,18 +201,30 @@ def plain_name(name: object, where: str) -> str:
     return name  # type: ignore[return-value]
 
 
+def read_json_object(path: Path, what: str) -> dict:
+    """A JSON object from a file; unreadable, not JSON or not an object is one user error."""
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise AblationError(f"{path}: cannot read {what} ({exc.strerror})") from exc
+    return json_object(raw, f"{path}: {what}")
+
+
 def read_weight_map(index_path: Path) -> dict[str, str]:
     """tensor -> shard from a model.safetensors.index.json, every shard name checked."""
-    try:
-        raw = index_path.read_bytes()
-    except OSError as exc:
-        raise AblationError(f"{index_path}: cannot read ({exc.strerror})") from exc
-    weight_map = json_object(raw, str(index_path)).get("weight_map")
+    weight_map = read_json_object(index_path, "the index").get("weight_map")
     if not isinstance(weight_map, dict):
         raise AblationError(f"{index_path}: not a valid safetensors index (no weight_map object)")
     for tensor, shard in weight_map.items():
         plain_name(shard, f"{index_path}: weight_map[{tensor!r}]")
     return weight_map
+
+
+def check_shard_names(root: Path) -> None:
+    """The index's shard names, checked before anything else (transformers) turns them into
+    paths; a checkpoint without an index has one fixed name."""
+    if (root / INDEX_NAME).is_file():
+        read_weight_map(root / INDEX_NAME)
 
 
 def open_index(root: Path) -> ShardIndex:
@@ -271,6 +283,33 @@ def read_tensor(fd: int, info: TensorInfo) -> torch.Tensor:
     if info.nbytes == 0:
         return torch.empty(info.shape, dtype=torch_dtype)
     return torch.frombuffer(buf, dtype=torch_dtype).reshape(info.shape)
+
+
+class ShardFiles:
+    """Read-only descriptors of a checkpoint's shards, opened on first use, closed together:
+    for readers that pick single tensors across shards (plans, restores, scales elsewhere)."""
+
+    def __init__(self, root: Path) -> None:
+        self.root, self.fds = root, {}
+
+    def fd(self, shard: str) -> int:
+        if shard not in self.fds:
+            self.fds[shard] = os.open(self.root / shard, os.O_RDONLY)
+        return self.fds[shard]
+
+    def read(self, info: TensorInfo) -> torch.Tensor:
+        return read_tensor(self.fd(info.shard), info)
+
+    def close(self) -> None:
+        for fd in self.fds.values():
+            os.close(fd)
+        self.fds.clear()
+
+    def __enter__(self) -> ShardFiles:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
 
 
 def write_tensor(fd: int, info: TensorInfo, tensor: torch.Tensor) -> None:

@@ -16,7 +16,7 @@ from tqdm import tqdm
 
 from ablation import activations, analysis, directions, prompts, refusals, refuse
 from ablation import record as record_mod
-from ablation.checkpoint import open_index
+from ablation.checkpoint import check_shard_names, open_index
 from ablation.demo_model import default_cache
 from ablation.errors import AblationError
 from ablation.hub import resolve_model
@@ -213,13 +213,10 @@ def compare(base: Side, ablated: Side, tok) -> dict:
             f"{list(ablated.first_logits.shape)}"
         )
     kl = analysis.kl_divergence(base.first_logits, ablated.first_logits)
+    base_numbers = summarize(base, tok, threshold)
     # the prompts the base refuses are where removing refusals *should* change the first token
     answered = torch.tensor(
-        [
-            not refusals.is_refusal(tok.decode(_strip(a, tok), skip_special_tokens=True))
-            for a in base.harmless_answers
-        ],
-        dtype=torch.bool,
+        [not refusals.is_refusal(t) for t in base_numbers["harmless_responses"]], dtype=torch.bool
     )
     pairs = [
         (b, a) for b, a in zip(base.answer_logprobs, ablated.answer_logprobs, strict=True) if len(b)
@@ -227,7 +224,7 @@ def compare(base: Side, ablated: Side, tok) -> dict:
     per_answer = [analysis.kl_binned(b, a) for b, a in pairs]  # [answer length] each
     per_token = torch.cat(per_answer) if per_answer else torch.zeros(1)
     return {
-        "base": summarize(base, tok, threshold),
+        "base": base_numbers,
         "ablated": summarize(ablated, tok, threshold),
         "kl": {
             "mean": kl.mean().item(),
@@ -305,8 +302,8 @@ def run(opts: EvalOptions) -> dict:
         opts.harmless, "harmless", "eval", opts.text_field, opts.max_prompts, opts.seed
     )
     base_dir, ablated_dir = resolve_model(opts.base), resolve_model(opts.ablated)
-    for d in (base_dir, ablated_dir):  # the shard names, before transformers opens them
-        open_index(d)
+    for d in (base_dir, ablated_dir):  # before minutes of generation, not at the second load
+        check_shard_names(d)
     record = record_mod.read(ablated_dir) or {}
     probes: dict[int, torch.Tensor] = {}
     refuse_path = _refuse_of(record, opts.refuse_file)

@@ -14,6 +14,7 @@ from huggingface_hub.utils import HfHubHTTPError, LocalEntryNotFoundError
 
 from ablation import record as record_mod
 from ablation.architecture import READERS
+from ablation.checkpoint import read_json_object
 from ablation.errors import AblationError
 from ablation.system import human_bytes
 
@@ -228,7 +229,7 @@ def publish(
     if record is not None:
         evaluation = None
         if (folder / "eval.json").exists():
-            evaluation = record_mod.read_json_object(folder / "eval.json", "the evaluation")
+            evaluation = read_json_object(folder / "eval.json", "the evaluation")
         try:
             card = model_card(
                 record,

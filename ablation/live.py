@@ -6,13 +6,12 @@ touched tensors back from the checkpoint's own bytes, so no second copy of the m
 from __future__ import annotations
 
 import logging
-import os
 import re
 
 import torch
 
 from ablation import edits
-from ablation.checkpoint import DTYPES, ShardIndex, read_tensor
+from ablation.checkpoint import DTYPES, ShardFiles, ShardIndex
 from ablation.errors import AblationError
 from ablation.rewrite import Plan
 
@@ -137,14 +136,7 @@ def apply(model: torch.nn.Module, plan: Plan) -> list[str]:
 def restore(model: torch.nn.Module, index: ShardIndex, names: list[str]) -> None:
     """Put the named checkpoint tensors back into the model from the checkpoint's bytes."""
     layout = Layout(model)
-    fds: dict[str, int] = {}
-    try:
-        with torch.no_grad():
-            for name in names:
-                info = index.tensors[name]
-                if info.shard not in fds:
-                    fds[info.shard] = os.open(index.root / info.shard, os.O_RDONLY)
-                layout.view(name, info.shape).copy_(read_tensor(fds[info.shard], info))
-    finally:
-        for fd in fds.values():
-            os.close(fd)
+    with ShardFiles(index.root) as files, torch.no_grad():
+        for name in names:
+            info = index.tensors[name]
+            layout.view(name, info.shape).copy_(files.read(info))

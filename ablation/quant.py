@@ -174,11 +174,7 @@ def _scales(
     w: torch.Tensor, block: tuple[int, int], like: torch.Tensor, ue8m0: bool
 ) -> torch.Tensor:
     """Per-block absmax / 448, rounded to the stored scale dtype: [..., R, C] in that dtype."""
-    rows, cols = w.shape[-2:]
-    a = torch.nn.functional.pad(w.abs(), (0, -cols % block[1], 0, -rows % block[0]))
-    lead = a.shape[:-2]
-    R, C = a.shape[-2] // block[0], a.shape[-1] // block[1]
-    return _from_amax(a.reshape(*lead, R, block[0], C, block[1]).amax(dim=(-3, -1)), like, ue8m0)
+    return _from_amax(_block_reduce(w.abs(), block, "amax"), like, ue8m0)
 
 
 def quantize(
@@ -192,22 +188,6 @@ def quantize(
     x = w.to(dt) / _expand(s.to(dt), block, rows, cols)
     q = x.clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
     return q, s.reshape(like_scale.shape)
-
-
-def neighbour(q: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
-    """The next e4m3 value above (up) or below q, as float; q itself where there is none
-    (+-448). Codes are sign-magnitude: a magnitude code +-1 is the adjacent value."""
-    b = q.view(torch.uint8).to(torch.int16)
-    neg, mag = (b & 0x80) != 0, b & 0x7F
-    away = up != neg  # moving away from zero: magnitude + 1
-    new_mag = torch.where(away, mag + 1, mag - 1)
-    cross = (~away) & (mag == 0)  # below +-0: the smallest value of the other sign
-    new_neg = torch.where(cross, ~neg, neg)
-    new_mag = torch.where(cross, torch.ones_like(mag), new_mag)
-    stuck = away & (mag >= 0x7E)  # 448 has no neighbour outwards (0x7F is NaN)
-    code = (new_mag | torch.where(new_neg, 0x80, 0)).to(torch.uint8)
-    val = code.view(torch.float8_e4m3fn)
-    return torch.where(stuck, q.view(torch.uint8), val.view(torch.uint8)).view(q.dtype)
 
 
 SHIFT_ROUNDS = 2  # shifted roundings: most of the leftover projection goes
@@ -338,10 +318,11 @@ def edit_fp8(
         for cut, cut_s in cuts:
             q_slab, s_slab = q[cut], grid[cut_s]
             if cols:  # the orientation of the second pass: the very same float edit
-                x, changed = _edited(q_slab.T.contiguous(), s_slab.T, block[::-1], d, spec)
-                x, changed = x.T, changed.T
+                orig, x, _ = _edited(q_slab.T.contiguous(), s_slab.T, block[::-1], d, spec)
+                orig, x = orig.T, x.T
             else:
-                x, changed = _edited(q_slab, s_slab, block, d, spec)
+                orig, x, _ = _edited(q_slab, s_slab, block, d, spec)
+            changed = x != orig
             amax[cut_s] = torch.maximum(amax[cut_s], _block_reduce(x.abs(), block, "amax"))
             touched[cut_s] |= _block_reduce(changed, block, "any")
         new_grid = torch.where(touched, _from_amax(amax, grid, ue8m0), grid)
@@ -367,21 +348,22 @@ def edit_fp8(
 
 def _edited(
     q: torch.Tensor, s: torch.Tensor, block: tuple[int, int], d: torch.Tensor, spec
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """A slab's float edit (vectors as rows) and which elements it changed."""
+) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """A slab's values, their float edit (vectors as rows) and its residue |Q v'| / |v'|."""
     orig = dequantize(q, s, block)
     x = orig.clone()
-    edits.project_out_(x, d, 1, spec)
-    return x, x != orig
+    _, rel = edits.project_out_(x, d, 1, spec)
+    return orig, x, rel
 
 
 def _block_reduce(x: torch.Tensor, block: tuple[int, int], how: str) -> torch.Tensor:
-    """Per-block amax (or any) of a 2-D slab that starts on a block boundary: [R, C]."""
-    rows, cols = x.shape
+    """Per-block amax (or any) of x [..., rows, cols] starting on a block boundary (edge blocks
+    padded): [..., R, C]."""
+    rows, cols = x.shape[-2:]
     pad = torch.nn.functional.pad(x, (0, -cols % block[1], 0, -rows % block[0]))
-    R, C = pad.shape[0] // block[0], pad.shape[1] // block[1]
-    tiles = pad.reshape(R, block[0], C, block[1])
-    return tiles.amax(dim=(1, 3)) if how == "amax" else tiles.any(dim=3).any(dim=1)
+    R, C = pad.shape[-2] // block[0], pad.shape[-1] // block[1]
+    tiles = pad.reshape(*pad.shape[:-2], R, block[0], C, block[1])
+    return tiles.amax(dim=(-3, -1)) if how == "amax" else tiles.any(dim=-1).any(dim=-2)
 
 
 def _from_amax(amax: torch.Tensor, like: torch.Tensor, ue8m0: bool) -> torch.Tensor:
@@ -407,9 +389,7 @@ def _edit_rows(
     The rounding works on grid values in float32 and converts to float8 once (conversions
     dominate the cost on a CPU)."""
     basis = edits.as_basis(d)
-    orig = dequantize(q, s, block)
-    x = orig.clone()
-    _, rel = edits.project_out_(x, d, 1, spec)
+    orig, x, rel = _edited(q, s, block, d, spec)
     new_s = _scales(x, block, s, ue8m0) if given is None else given[0]
     per = _expand(new_s.float(), block, *x.shape)
     t = x / per  # the edit in grid units
@@ -462,15 +442,6 @@ def _shifted_rounding(
         v = torch.where(z - lo < hi - z, lo, hi)
         shift = shift + ((v - t) * per) @ r  # [n, hidden] @ [hidden] -> [n]: left along r
     return v
-
-
-def bracket(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The e4m3 grid points just below and above t (float values; equal where t is on the
-    grid or beyond +-448)."""
-    near = t.clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
-    value = near.to(t.dtype)
-    other = torch.where(value == t, value, neighbour(near, t > value).to(t.dtype))
-    return torch.minimum(value, other), torch.maximum(value, other)
 
 
 def _rel(w: torch.Tensor, basis: torch.Tensor) -> float:

@@ -13,7 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
-from ablation.checkpoint import is_plain_name, json_object
+from ablation.checkpoint import is_plain_name, read_json_object
 from ablation.errors import AblationError
 
 RECORD = "ablation.json"
@@ -76,15 +76,6 @@ def plain_names(names: list[str]) -> list[str]:
         if not is_plain_name(name):
             raise ValueError(f"{name!r} is not a plain file name inside the checkpoint directory")
     return names
-
-
-def read_json_object(path: Path, what: str) -> dict[str, Any]:
-    """A JSON object from a file; unreadable, not JSON or not an object is one user error."""
-    try:
-        raw = path.read_bytes()
-    except OSError as exc:
-        raise AblationError(f"{path}: cannot read {what} ({exc.strerror})") from exc
-    return json_object(raw, f"{path}: {what}")
 
 
 def check(data: dict[str, Any], source: Path, schema: type[BaseModel]) -> None:

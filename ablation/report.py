@@ -7,7 +7,6 @@ import csv
 import json
 import logging
 import math
-import os
 from dataclasses import asdict
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import yaml
 from tqdm import tqdm
 
 from ablation import analysis, orders, quant
-from ablation.checkpoint import read_tensor
+from ablation.checkpoint import ShardFiles
 from ablation.errors import AblationError
 from ablation.refuse import Measurements
 from ablation.rewrite import open_model
@@ -149,23 +148,16 @@ def weight_signal(
             continue
         plan += [(layer, t) for t in arch.targets(layer) if t.role in WRITER_ROLES]
     out = []
-    fds: dict[str, int] = {}
-    try:
+    with ShardFiles(model_dir) as files:
         for layer, t in tqdm(plan, desc="weights", unit="tensor", disable=None):
-            for info in (t.info, t.scale):
-                if info is not None and info.shard not in fds:
-                    fds[info.shard] = os.open(model_dir / info.shard, os.O_RDONLY)
-            w = read_tensor(fds[t.info.shard], t.info)
+            w = files.read(t.info)
             if t.scale is not None and t.block is not None:  # float8: its logical values
-                w = quant.dequantize(w, read_tensor(fds[t.scale.shard], t.scale), t.block)
+                w = quant.dequantize(w, files.read(t.scale), t.block)
             out.append(
                 analysis.writer_signal(
                     t.name, t.role, layer, w, meas.layers[layer].refusenorm, t.hidden_axis, null
                 )
             )
-    finally:
-        for fd in fds.values():
-            os.close(fd)
     return out
 
 

@@ -32,12 +32,14 @@ from ablation import __version__, directions, edits, lock, quant, refuse
 from ablation import record as record_mod
 from ablation.architecture import READERS, Architecture, Target, resolve
 from ablation.checkpoint import (
+    ShardFiles,
     ShardIndex,
     TensorInfo,
     copy_file,
     copy_range,
     open_index,
     read_header,
+    read_json_object,
     read_tensor,
     write_tensor,
 )
@@ -200,15 +202,11 @@ def build_plan(
         {},
         {name: [] for name in arch.index.shards},
     )
-    fd_cache: dict[str, int] = {}
-    try:
+    with ShardFiles(model_dir) as files:
         for order in orders.layers:
-            _plan_layer(plan, order, fd_cache)
+            _plan_layer(plan, order, files)
         if "embed" in orders.components:
-            _plan_embed(plan, fd_cache)
-    finally:
-        for fd in fd_cache.values():
-            os.close(fd)
+            _plan_embed(plan, files)
     for edits_ in plan.shards.values():
         edits_.sort(key=lambda e: e.target.info.start)
     if not plan.edits:
@@ -248,7 +246,7 @@ def _direction(plan: Plan, order: LayerOrder, target_layer: int, what: str) -> t
     return directions.target_direction(m.refusenorm, harmless, order.sparsity, f"{where}: {what}")
 
 
-def _plan_layer(plan: Plan, order: LayerOrder, fd_cache: dict[str, int]) -> None:
+def _plan_layer(plan: Plan, order: LayerOrder, files: ShardFiles) -> None:
     arch, orders = plan.arch, plan.orders
     if order.clip and order.layer >= arch.num_layers:
         return  # the flank of a kernel peaking near the last layer
@@ -275,10 +273,10 @@ def _plan_layer(plan: Plan, order: LayerOrder, fd_cache: dict[str, int]) -> None
             + ", ".join(arch.layer_tensors(order.layer)[:12])
         )
     for t in chosen:
-        _add(plan, t, key, r, order, fd_cache)
+        _add(plan, t, key, r, order, files)
 
 
-def _plan_embed(plan: Plan, fd_cache: dict[str, int]) -> None:
+def _plan_embed(plan: Plan, files: ShardFiles) -> None:
     """Embeddings write the residual stream entering layer 0; they take the settings of the
     lowest ordered layer, projected against the harmless mean at index 0."""
     first = plan.orders.layers[0]
@@ -290,7 +288,7 @@ def _plan_embed(plan: Plan, fd_cache: dict[str, int]) -> None:
     if plan.arch.tie_embeddings:
         plan.warnings.append("embeddings are tied to lm_head: the output head changes too")
     for t in targets:
-        _add(plan, t, "embed", r, first, fd_cache)
+        _add(plan, t, "embed", r, first, files)
 
 
 def _selected(t: Target, components: tuple[str, ...]) -> bool:
@@ -298,13 +296,10 @@ def _selected(t: Target, components: tuple[str, ...]) -> bool:
 
 
 def _add(
-    plan: Plan, t: Target, key: str, r: torch.Tensor, order: LayerOrder, fd_cache: dict[str, int]
+    plan: Plan, t: Target, key: str, r: torch.Tensor, order: LayerOrder, files: ShardFiles
 ) -> None:
     if t.norm is not None:
-        info = plan.index.tensors[t.norm]
-        if info.shard not in fd_cache:
-            fd_cache[info.shard] = os.open(plan.model_dir / info.shard, os.O_RDONLY)
-        gamma = read_tensor(fd_cache[info.shard], info)
+        gamma = files.read(plan.index.tensors[t.norm])
         offset = plan.arch.family.norm_offset
         if t.is_reader:  # the exact input-side edit behind the norm (an oblique projection)
             key = f"{key}:in:{t.norm}"
@@ -425,7 +420,7 @@ def _prepare_output(plan: Plan, out: Path, opts: Options) -> dict | None:
         if not manifest_path.is_file():
             _check_complete(plan, out, fresh["fingerprint"])
             return None
-        manifest = record_mod.read_json_object(manifest_path, "the progress manifest")
+        manifest = read_json_object(manifest_path, "the progress manifest")
         record_mod.check(manifest, manifest_path, _Manifest)
         if manifest["fingerprint"] != fresh["fingerprint"]:
             raise AblationError(
@@ -479,11 +474,8 @@ def _check_complete(plan: Plan, out: Path, fingerprint: str) -> None:
         for name, header in plan.index.shards.items()
         if not _same_header(out / name, header.tensors, header.size)
     ]
-    missing += [
-        str(_aux_destination(plan.model_dir, out, p).relative_to(out))
-        for p in _aux_files(plan.model_dir, plan.index)
-        if not _aux_destination(plan.model_dir, out, p).is_file()
-    ]
+    aux = [_aux_destination(plan.model_dir, out, p) for p in _aux_files(plan.model_dir, plan.index)]
+    missing += [str(p.relative_to(out)) for p in aux if not p.is_file()]
     if not (out / "README.md").is_file():
         missing.append("README.md")
     if missing:
@@ -501,9 +493,7 @@ def _same_header(path: Path, tensors: dict, size: int) -> bool:
         header = read_header(path)
     except AblationError:
         return False
-    return header.size == size and {
-        n: (t.dtype, t.shape, t.start, t.end) for n, t in header.tensors.items()
-    } == {n: (t.dtype, t.shape, t.start, t.end) for n, t in tensors.items()}
+    return header.size == size and header.tensors == tensors
 
 
 def _aux_destination(model_dir: Path, out: Path, p: Path) -> Path:
@@ -767,7 +757,7 @@ def _write_shard(
     records = []
     fd_in = os.open(src, os.O_RDONLY)
     fd_out = os.open(partial, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
-    others = _Inputs(plan.model_dir)
+    others = ShardFiles(plan.model_dir)
 
     def copier() -> None:
         try:
@@ -838,31 +828,13 @@ def _end_here(e: Edit, shard: str) -> int:
     return max(ends)
 
 
-class _Inputs:
-    """Read-only descriptors of input shards other than the one being written."""
-
-    def __init__(self, root: Path) -> None:
-        self.root, self.fds = root, {}
-
-    def fd(self, shard: str) -> int:
-        if shard not in self.fds:
-            self.fds[shard] = os.open(self.root / shard, os.O_RDONLY)
-        return self.fds[shard]
-
-    def close(self) -> None:
-        for fd in self.fds.values():
-            os.close(fd)
-        self.fds.clear()
-
-
-def _read_parts(e: Edit, shard: str, fd_in: int, others: _Inputs) -> dict[str, torch.Tensor]:
-    """The tensors one edit reads: the weight, and a float8 weight's scale."""
+def _read_parts(e: Edit, shard: str, fd_in: int, others: ShardFiles) -> dict[str, torch.Tensor]:
+    """The tensors one edit reads: the weight (from the shard being streamed), and a float8
+    weight's scale (from there too, or from its own shard)."""
     parts = {"weight": read_tensor(fd_in, e.target.info)}
     scale = e.target.scale
     if scale is not None:
-        parts["scale"] = read_tensor(
-            fd_in if scale.shard == shard else others.fd(scale.shard), scale
-        )
+        parts["scale"] = read_tensor(fd_in, scale) if scale.shard == shard else others.read(scale)
     return parts
 
 
@@ -871,8 +843,7 @@ def _deferred_scales(plan: Plan, opts: Options, todo: list[str]) -> dict[str, li
     streaming (the edit is deterministic: the weight's own shard computes it again), so that
     the scale's shard can be written in any order."""
     out: dict[str, list[Write]] = {}
-    inputs = _Inputs(plan.model_dir)
-    try:
+    with ShardFiles(plan.model_dir) as inputs:
         for e in plan.edits:
             scale = e.target.scale
             if scale is None or scale.shard == e.target.info.shard or scale.shard not in todo:
@@ -880,8 +851,6 @@ def _deferred_scales(plan: Plan, opts: Options, todo: list[str]) -> dict[str, li
             parts = _read_parts(e, e.target.info.shard, inputs.fd(e.target.info.shard), inputs)
             new, _ = _edit(plan, e, parts, opts)
             out.setdefault(scale.shard, []).extend((i, t) for i, t in new if i is scale)
-    finally:
-        inputs.close()
     for writes in out.values():
         writes.sort(key=lambda w: w[0].start)
     return out

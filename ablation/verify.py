@@ -13,7 +13,7 @@ import torch
 from tqdm import tqdm
 
 from ablation import edits, quant
-from ablation.checkpoint import TensorInfo, open_index, read_tensor
+from ablation.checkpoint import ShardFiles, TensorInfo, open_index, read_tensor
 from ablation.errors import AblationError
 from ablation.rewrite import Edit, Plan
 
@@ -131,17 +131,6 @@ def _check_edit(plan: Plan, e: Edit, fd_in: int, fd_out: int, report: Report) ->
             )
 
 
-def _read_pair(root: Path, weight: TensorInfo, scale: TensorInfo) -> tuple[torch.Tensor, ...]:
-    out = []
-    for info in (weight, scale):
-        fd = os.open(root / info.shard, os.O_RDONLY)
-        try:
-            out.append(read_tensor(fd, info))
-        finally:
-            os.close(fd)
-    return tuple(out)
-
-
 def _check_quantized(plan: Plan, e: Edit, out: Path, report: Report) -> None:
     """A float8 weight: the stored values must lie on the grid points around the float edit
     of the input's values (quant.py rounds each element to one of the two e4m3 values around
@@ -149,8 +138,9 @@ def _check_quantized(plan: Plan, e: Edit, out: Path, report: Report) -> None:
     change are then bounded by the same spacing, per vector."""
     t = e.target
     assert t.scale is not None and t.block is not None
-    q0, s0 = _read_pair(plan.model_dir, t.info, t.scale)
-    q1, s1 = _read_pair(out, t.info, t.scale)
+    with ShardFiles(plan.model_dir) as before, ShardFiles(out) as written:
+        q0, s0 = before.read(t.info), before.read(t.scale)
+        q1, s1 = written.read(t.info), written.read(t.scale)
     want = quant.dequantize(q0, s0, t.block, torch.float64)
     want = edits.project_out(
         want, plan.directions[e.direction], t.hidden_axis, e.spec(torch.float64)
@@ -160,8 +150,8 @@ def _check_quantized(plan: Plan, e: Edit, out: Path, report: Report) -> None:
     # the expected edit is recomputed here in float64, the rewrite ran in float32 (maybe on a
     # GPU): take the grid points around want widened by a relative 1e-6 on each side
     grid = want / per
-    lo = quant.bracket(grid - 1e-6 * grid.abs())[0]
-    hi = quant.bracket(grid + 1e-6 * grid.abs())[1]
+    lo = quant.grid_bracket(grid - 1e-6 * grid.abs())[0]
+    hi = quant.grid_bracket(grid + 1e-6 * grid.abs())[1]
     gap = (hi - lo) * per
     err = (after - want).abs()
     slack = 1e-9 * want.abs() + 1e-30
