@@ -67,6 +67,8 @@ QUANT_MARKERS: dict[str, str] = {
     ".weight_scale": "float8 with a per-tensor scale",
     "_blocks": "MXFP4 blocks",
     "_scales": "MXFP4 scales",
+    ".weight_packed": "int4 pack (compressed-tensors)",
+    ".weight_zero_point": "int4 pack with zero points (compressed-tensors)",
     ".qweight": "int4 pack (GPTQ/AWQ)",
     ".qzeros": "int4 pack (GPTQ/AWQ)",
     ".weight.absmax": "bitsandbytes 4-bit",
@@ -82,6 +84,9 @@ class _Row(BaseModel):
     role: str
     hidden_axis: int
     norm: str | None = None  # the RMSNorm between this tensor and the residual stream
+    # the axis the tensor contracts with its input: the last (nn.Linear's [out, in]) unless
+    # the model applies it as x @ W; quantized formats store the input axis last
+    input_axis: int | None = None
 
 
 class Family(BaseModel):
@@ -130,9 +135,16 @@ class Target:
     # writer's output (Gemma's sandwich norms) or to a reader's input (pre-norms); its gain
     # folds into the direction removed
     norm: str | None = None
-    # a float8 weight: its scale tensor (possibly in another shard) and block (quant.py)
+    # a quantized weight (info: its codes): its scale tensor (possibly in another shard), the
+    # block of elements per scale, and the weight's shape [..., out, in], in which hidden_axis
+    # counts (quant.py)
     scale: TensorInfo | None = None
     block: tuple[int, int] | None = None
+    shape: tuple[int, ...] | None = None
+
+    @property
+    def logical_shape(self) -> tuple[int, ...]:
+        return self.shape if self.shape is not None else tuple(self.info.shape)
 
     @property
     def component(self) -> str:
@@ -159,7 +171,7 @@ class Architecture:
     num_experts: int | None
     tie_embeddings: bool
     index: ShardIndex
-    quant: quant.Fp8 | None = None  # the checkpoint's quantization, when it has one
+    quant: quant.Scheme | None = None  # the checkpoint's quantization, when it has one
 
     def layer_prefix(self, layer: int) -> str:
         return self.prefix + Template(self.family.layer).substitute(layer=layer)
@@ -192,17 +204,26 @@ class Architecture:
         return out
 
     def _match(self, row: _Row, base: str, held: list[str], layer: int | None) -> list[Target]:
+        """The tensors a row names, as plain weights or (the checkpoint being quantized) as
+        the codes its scheme stores in their place."""
         norm = base + row.norm if row.norm else None
-        if "${expert}" in row.name:
-            pattern = re.compile(
-                re.escape(base)
-                + re.escape(row.name).replace(re.escape("${expert}"), r"(\d+)")
-                + "$"
-            )
-            hits = [(n, int(m.group(1))) for n in held if (m := pattern.match(n))]
-        else:
-            full = base + row.name
-            hits = [(full, None)] if full in self.index.tensors else []
+        templates = [row.name]
+        if self.quant is not None and self.quant.data_name(row.name) != row.name:
+            templates.append(self.quant.data_name(row.name))
+        hits: list[tuple[str, int | None]] = []
+        for template in templates:
+            if "${expert}" in template:
+                pattern = re.compile(
+                    re.escape(base)
+                    + re.escape(template).replace(re.escape("${expert}"), r"(\d+)")
+                    + "$"
+                )
+                found = [(n, int(m.group(1))) for n in held if (m := pattern.match(n))]
+            else:
+                found = [(base + template, None)] if base + template in self.index.tensors else []
+            # the weight's own name, whichever of the templates matched
+            hits.extend((base + Template(row.name).safe_substitute(expert=e), e) for _, e in found)
+        hits = list(dict.fromkeys(hits))
         for name, _ in hits:
             self._check_plain(name)
         if not hits:
@@ -214,10 +235,10 @@ class Architecture:
     def _check_plain(self, name: str) -> None:
         """A weight stored in a format quant.py does not edit is never edited as bytes."""
         stem = name.removesuffix(".weight")
-        ours = self.quant.scale_name(name) if self.quant else None
+        ours = {self.quant.scale_name(name), self.quant.data_name(name)} if self.quant else set()
         for suffix, what in QUANT_MARKERS.items():
             for candidate in (stem + suffix, name + suffix):
-                if candidate in self.index.tensors and candidate != ours:
+                if candidate in self.index.tensors and candidate not in ours:
                     why = (
                         "but config.json has no quantization_config to say how"
                         if self.quant is None and what.startswith("float8")
@@ -231,43 +252,68 @@ class Architecture:
     def _target(
         self, name: str, row: _Row, layer: int | None, expert: int | None, norm: str | None
     ) -> Target:
-        info = self.index.tensors[name]
-        scale, block = self._scale_of(name, info)
+        stored = self.quant.data_name(name) if self.quant else name
+        info = self.index.tensors.get(name) or self.index.tensors[stored]
+        scale, block, shape = self._scale_of(info)
         if not info.is_float and scale is None:
             raise AblationError(
-                f"tensor {name!r} is {info.dtype}, not a float weight (quantized or packed); "
-                "dequantize the checkpoint first: quantized bytes are never edited"
+                f"tensor {info.name!r} is {info.dtype}, not a float weight (quantized or "
+                "packed); dequantize the checkpoint first: quantized bytes are never edited"
             )
         axis = row.hidden_axis
-        if axis >= len(info.shape) or info.shape[axis] != self.hidden_size:
+        if shape is not None and self.quant is not None and self.quant.input_last:
+            axis = _stored_axis(axis, row.input_axis, len(shape))
+        logical = shape if shape is not None else info.shape
+        if axis >= len(logical) or logical[axis] != self.hidden_size:
             raise AblationError(
-                f"tensor {name!r} has shape {list(info.shape)}, but the {self.family.family} "
-                f"table puts the hidden size {self.hidden_size} on axis {axis}"
+                f"tensor {info.name!r} has shape {list(logical)}"
+                + (f" (stored as {list(info.shape)})" if shape is not None else "")
+                + f", but the {self.family.family} table puts the hidden size "
+                f"{self.hidden_size} on axis {axis}"
             )
         if norm is not None and norm not in self.index.tensors:
-            raise AblationError(f"tensor {name!r}: its norm {norm!r} is missing")
-        return Target(name, row.role, layer, axis, info, expert, norm, scale, block)
+            raise AblationError(f"tensor {info.name!r}: its norm {norm!r} is missing")
+        return Target(info.name, row.role, layer, axis, info, expert, norm, scale, block, shape)
 
     def _scale_of(
-        self, name: str, info: TensorInfo
-    ) -> tuple[TensorInfo | None, tuple[int, int] | None]:
-        """A float8 weight's scale and block, checked against each other."""
-        if info.dtype != "F8_E4M3":
-            return None, None
-        if self.quant is None:
-            raise AblationError(
-                f"tensor {name!r} is float8, but config.json has no quantization_config "
-                "to say how it is scaled"
-            )
-        scale_name = self.quant.scale_name(name)
+        self, info: TensorInfo
+    ) -> tuple[TensorInfo | None, tuple[int, int] | None, tuple[int, ...] | None]:
+        """A quantized weight's scale, block and logical shape [..., out, in], checked against
+        each other; (None, None, None) for a float weight."""
+        q = self.quant
+        if (
+            q is None
+            or info.dtype != q.data_dtype
+            or info.name != q.data_name(q.weight_name(info.name))
+        ):
+            if info.dtype == "F8_E4M3" and q is None:
+                raise AblationError(
+                    f"tensor {info.name!r} is float8, but config.json has no quantization_config "
+                    "to say how it is scaled"
+                )
+            return None, None, None
+        scale_name = q.scale_name(q.weight_name(info.name))
         scale = self.index.tensors.get(scale_name)
         if scale is None:
-            raise AblationError(f"tensor {name!r} is float8 without its scale {scale_name!r}")
-        if scale.dtype not in ("F32", "BF16", "F16", "F8_E8M0"):
-            raise AblationError(f"scale {scale_name!r} is {scale.dtype}, not a float scale")
-        if len(info.shape) < 2:
-            raise AblationError(f"tensor {name!r} is float8 with shape {list(info.shape)}")
-        return scale, self.quant.block_of(info.shape, scale.shape, name)
+            raise AblationError(
+                f"tensor {info.name!r} is {q.name} ({q.grid.name}) without its scale {scale_name!r}"
+            )
+        if scale.dtype not in ("F32", "BF16", "F16", "F8_E8M0", "U8") or (
+            (scale.dtype == "U8") != (q.packing == "nibbles")
+        ):
+            raise AblationError(
+                f"scale {scale_name!r} is {scale.dtype}, not a {q.name} scale of {info.name!r}"
+            )
+        least = 4 if q.packing == "nibbles" else 2
+        if len(info.shape) < least:
+            raise AblationError(f"tensor {info.name!r} is {q.name} with shape {list(info.shape)}")
+        if q.packing == "nibbles" and info.shape[-1] * 2 != q.block[1]:
+            raise AblationError(
+                f"tensor {info.name!r} {list(info.shape)}: {q.name} blocks of "
+                f"{info.shape[-1] * 2} values, want {q.block[1]}"
+            )
+        shape = q.logical_shape(info.shape)
+        return scale, q.block_of(shape, tuple(scale.shape), info.name), shape
 
     def _check_experts(self, layer: int, found: list[Target], held: list[str]) -> None:
         experts = [t for t in found if t.role == "expert_out"]
@@ -296,6 +342,17 @@ class Architecture:
             raise AblationError(
                 f"layer {layer} holds experts but no router; the layer holds: {_listing(held)}"
             )
+
+
+def _stored_axis(axis: int, input_axis: int | None, ndim: int) -> int:
+    """The hidden axis of a weight in its quantized layout, where the input axis is last: a
+    tensor the model applies as x @ W ([..., in, out]) is stored with its last two axes
+    swapped."""
+    if input_axis is None or input_axis == ndim - 1:
+        return axis
+    if input_axis != ndim - 2:
+        raise AblationError(f"input axis {input_axis} of a {ndim}-d tensor cannot be stored last")
+    return {ndim - 2: ndim - 1, ndim - 1: ndim - 2}.get(axis, axis)
 
 
 def _listing(names: list[str], most: int = 12) -> str:
@@ -361,7 +418,7 @@ def resolve(config: dict, index: ShardIndex) -> Architecture:
     )
 
 
-def _scheme(config: dict, index: ShardIndex) -> quant.Fp8 | None:
+def _scheme(config: dict, index: ShardIndex) -> quant.Scheme | None:
     """The quantization to edit through. A config that names one this tool cannot edit is an
     error only if the weights really are quantized: dequantized copies often keep the key."""
     try:

@@ -108,7 +108,7 @@ def apply(model: torch.nn.Module, plan: Plan) -> list[str]:
         raise AblationError(
             f"{plan.model_dir}: a {plan.arch.quant.name} checkpoint cannot be edited in memory "
             "(tune, frontier); search on a dequantized copy, then write the orders to the "
-            "float8 checkpoint with sharded_ablate.py"
+            "quantized checkpoint with sharded_ablate.py"
         )
     layout = Layout(model)
     touched: dict[str, None] = {}

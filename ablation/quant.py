@@ -1,25 +1,39 @@
 """Quantized weights as their logical float values and back (pure tensor math, no files).
 
-A checkpoint stored in FP8 keeps, beside each float8_e4m3fn weight W [out, in], a grid of scales:
-the logical weight is W * s with one s per block (DeepSeek-V3/R1, Kimi-K2, Qwen3-FP8: 128x128
-blocks in `weight_scale_inv`), per output channel or per tensor (compressed-tensors FP8 in
-`weight_scale`, [out, 1] or [1]). Both are one codec with a block size: a channel is a
-(1, in) block, a tensor an (out, in) block. The rewriter dequantizes a slab of whole blocks and
-whole hidden-axis vectors, edits it with the float kernels, and quantizes it back here:
+A quantized checkpoint stores, for each weight W [..., out, in], codes on a small grid of values
+and beside them a grid of scales: the logical weight is code * s with one s per block of
+elements. The formats differ in the grid, the block and how codes and scales are packed:
 
-- scale per block from the edited block's absmax over 448 (e4m3's largest value), rounded to
-  the scale's stored dtype (and up to a power of two for `scale_fmt: ue8m0`), so
+- FP8 with block scales (DeepSeek-V3/R1, Kimi-K2, Qwen3-FP8): float8_e4m3fn codes, 128x128
+  blocks, float32 scales in `weight_scale_inv` (powers of two with `scale_fmt: ue8m0`);
+- compressed-tensors FP8: e4m3 codes, one scale per output channel ([out, 1]), per tensor ([1])
+  or per block, in `weight_scale`;
+- compressed-tensors INT4 pack-quantized (Kimi-K2-Thinking's experts): integer codes -8..7,
+  eight to an int32 (`weight_packed` [out, in/8], element i in bits 4i..4i+3, offset by 8), one
+  scale per group of `group_size` inputs in `weight_scale` [out, in/group] (symmetric);
+- MXFP4 (gpt-oss experts): e2m1 codes, two to a byte (`*_blocks` [..., out, in/32, 16], the
+  even element in the low nibble), one power-of-two scale per 32 inputs (`*_scales`
+  [..., out, in/32], e8m0: 2^(s - 127)).
+
+Packed scales run along the input axis, stored last; a tensor the model applies as x @ W
+(gpt-oss's fused experts, [..., in, out]) is therefore stored transposed, and its hidden axis
+moves with it (architecture.py maps it). Float8 codes are the parameter as the model holds it.
+The rewriter unpacks one weight to a byte per code, dequantizes a slab of whole blocks and whole
+hidden-axis vectors, edits it with the float kernels, and quantizes it back here:
+
+- scale per block from the edited block's absmax over the grid's largest value, rounded to the
+  scale's stored dtype (and up to a power of two for ue8m0 and e8m0), so
   dequantize(quantize(x)) is a fixed point of the codec;
-- blocks whose values the edit left exactly as they were keep their original bytes;
-- every other element is stored as one of the two e4m3 values around its edited value
-  (`grid_bracket`), but not simply the nearer one: an edit moves each element by less than half
+- blocks whose values the edit left exactly as they were keep their original codes and scale;
+- every other element is stored as one of the two grid values around its edited value
+  (`Grid.bracket`), but not simply the nearer one: an edit moves each element by less than half
   a grid step, so plain rounding snaps most of them back and restores much of the removed
-  component (|r . v| / |v| near 1e-2, ~50x what bf16 storage leaves). Two shifted roundings
-  (each vector shifted along r by what the last rounding left along r) remove most of it; then
-  error feedback flips single elements to their other neighbour, cheapest per projection fixed
-  first, on the vectors still above the level bf16 would leave, up to five rounds. The scales
-  stay those of the absmax; no element moves more than one grid step from its edited value
-  (what `verify` checks).
+  component (|r . v| / |v| near 1e-2 for e4m3, ~50x what bf16 storage leaves). Two shifted
+  roundings (each vector shifted along r by what the last rounding left along r) remove most of
+  it; then error feedback flips single elements to their other neighbour, cheapest per
+  projection fixed first, on the vectors still above the level bf16 would leave, up to twelve
+  rounds (4-bit grids need the most). The scales stay those of the absmax; no element moves more
+  than one grid step from its edited value (what `verify` checks).
 """
 
 from __future__ import annotations
@@ -33,25 +47,149 @@ import torch
 from ablation import edits
 from ablation.errors import AblationError
 
-E4M3_MAX = 448.0
 SUPPORTED = (
     "fp8 with block scales (quant_method fp8: weight + weight_scale_inv)",
     "compressed-tensors fp8, per channel, per tensor or per block (weight + weight_scale)",
+    "compressed-tensors int4 pack-quantized, symmetric, per group or channel "
+    "(weight_packed + weight_scale)",
+    "mxfp4 (quant_method mxfp4: *_blocks + *_scales)",
 )
 
 
 @dataclass(frozen=True)
-class Fp8:
-    """One FP8 scheme of a checkpoint: the companion scale's suffix, the block (None: derived
-    per tensor from the scale grid: per channel or per tensor) and power-of-two scales."""
+class Grid:
+    """The values one code can take, in units of its scale: a float grid (normals
+    (1 + m / 2^mantissa) 2^e down to `tiny`, evenly spaced below it) or the integers."""
 
     name: str
-    scale_suffix: str  # the scale tensor is the weight's name with .weight replaced by this
+    lowest: float
+    highest: float
+    mantissa: int | None  # None: the integers
+    tiny: float = 1.0
+
+    def bracket(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The grid values just below and just above t (equal on the grid), from the grid's
+        shape instead of conversions (5x cheaper on a CPU); the grid stops at its ends."""
+        t = t.clamp(self.lowest, self.highest)
+        if self.mantissa is None:
+            lo = torch.floor(t)
+            return lo, torch.where(lo == t, lo, lo + 1)
+        gap = torch.exp2(torch.floor(torch.log2(t.abs().clamp_min(self.tiny))) - self.mantissa)
+        lo = torch.floor(t / gap) * gap
+        return lo, torch.where(lo == t, lo, lo + gap)
+
+    def nearest(self, t: torch.Tensor) -> torch.Tensor:
+        lo, hi = self.bracket(t)
+        return torch.where(t - lo <= hi - t, lo, hi)
+
+    def decode(self, codes: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+        """Codes (one byte each) -> their values."""
+        if self.name == "e2m1":
+            return E2M1_VALUES.to(device=codes.device, dtype=dtype)[codes.long()]
+        return codes.to(dtype)
+
+    def encode(self, v: torch.Tensor) -> torch.Tensor:
+        """Values on the grid -> codes (exact)."""
+        if self.name == "e4m3":
+            return v.to(torch.float8_e4m3fn)
+        if self.name == "int4":
+            return v.to(torch.int8)
+        mags = E2M1_VALUES[:8].to(v)
+        idx = torch.bucketize(v.abs(), mags)  # exact: every magnitude is one of them
+        return (idx + 8 * (v < 0)).to(torch.uint8)
+
+
+E4M3 = Grid("e4m3", -448.0, 448.0, 3, 2.0**-6)
+E2M1 = Grid("e2m1", -6.0, 6.0, 1, 1.0)
+INT4 = Grid("int4", -8.0, 7.0, None)
+# an e2m1 code's value: bit 3 the sign, bits 0-2 the magnitude's index
+E2M1_VALUES = torch.tensor(
+    [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0]
+)
+E4M3_MAX = E4M3.highest
+
+
+@dataclass(frozen=True)
+class Scheme:
+    """One quantization of a checkpoint: its grid, where a weight's codes and scales are
+    stored (templates over the weight's name and its stem, the name without ".weight"), how the
+    codes are packed, the block (None: derived per tensor from the scale grid: per channel or
+    per tensor) and power-of-two scales."""
+
+    name: str
+    grid: Grid
+    data: str  # e.g. "{name}" (the weight itself), "{stem}.weight_packed", "{name}_blocks"
+    scale: str  # e.g. "{stem}.weight_scale_inv"
     block: tuple[int, int] | None
     ue8m0: bool = False
+    packing: str = "none"  # "none": a code per element; "nibbles": 2 per byte; "int32": 8
+
+    @property
+    def input_last(self) -> bool:
+        """Whether the codes hold the weight with its input axis last whatever the model's
+        layout (packed groups run along the input); float8 codes are the parameter itself."""
+        return self.packing != "none"
+
+    @property
+    def data_dtype(self) -> str:
+        return {"none": "F8_E4M3", "nibbles": "U8", "int32": "I32"}[self.packing]
+
+    def _fill(self, template: str, weight: str) -> str:
+        return template.format(name=weight, stem=weight.removesuffix(".weight"))
+
+    def data_name(self, weight: str) -> str:
+        return self._fill(self.data, weight)
 
     def scale_name(self, weight: str) -> str:
-        return weight.removesuffix(".weight") + self.scale_suffix
+        return self._fill(self.scale, weight)
+
+    def weight_name(self, data_name: str) -> str:
+        """The weight's name back from the name of its codes (the inverse of data_name)."""
+        key, _, rest = self.data.removeprefix("{").partition("}")
+        name = data_name.removesuffix(rest) if rest else data_name
+        return name if key == "name" else name + ".weight"
+
+    def logical_shape(self, stored: tuple[int, ...]) -> tuple[int, ...]:
+        """The weight's shape [..., out, in] from its codes' stored shape."""
+        if self.packing == "nibbles":  # [..., out, in/32, 16]
+            return (*stored[:-2], stored[-2] * stored[-1] * 2)
+        if self.packing == "int32":  # [..., out, in/8]
+            return (*stored[:-1], stored[-1] * 8)
+        return tuple(stored)
+
+    def unpack(self, stored: torch.Tensor) -> torch.Tensor:
+        """Stored codes -> one byte per code, shaped as the weight [..., out, in]."""
+        if self.packing == "nibbles":
+            pairs = torch.stack((stored & 0x0F, stored >> 4), dim=-1)  # [..., G, 16, 2]
+            return pairs.reshape(*stored.shape[:-2], -1)
+        if self.packing == "int32":
+            shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=stored.device)
+            nib = (stored.unsqueeze(-1) >> shifts) & 0x0F  # [..., in/8, 8]
+            return (nib - 8).to(torch.int8).reshape(*stored.shape[:-1], -1)
+        return stored
+
+    def pack(self, codes: torch.Tensor, stored_shape: tuple[int, ...]) -> torch.Tensor:
+        """One byte per code [..., out, in] -> the stored layout (inverse of unpack)."""
+        if self.packing == "nibbles":
+            pairs = codes.reshape(*stored_shape, 2)
+            return pairs[..., 0] | (pairs[..., 1] << 4)
+        if self.packing == "int32":
+            shifts = torch.arange(0, 32, 4, dtype=torch.int64, device=codes.device)
+            nib = (codes.to(torch.int64) + 8).reshape(*stored_shape, 8)
+            word = (nib << shifts).sum(dim=-1)  # [..., in/8], 0 .. 2^32 - 1
+            return torch.where(word >= 2**31, word - 2**32, word).to(torch.int32)
+        return codes
+
+    def scale_values(self, stored: torch.Tensor) -> torch.Tensor:
+        """Stored scales -> a float tensor holding them exactly (e8m0 bytes: 2^(s - 127))."""
+        if stored.dtype == torch.uint8:
+            return torch.exp2(stored.float() - 127)
+        return stored
+
+    def store_scales(self, values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        if like.dtype == torch.uint8:
+            return (torch.log2(values.float()).round() + 127).clamp(0, 254).to(torch.uint8)
+        return values.to(like.dtype)
 
     def block_of(self, shape: tuple[int, ...], grid: tuple[int, ...], name: str) -> tuple[int, int]:
         """The (rows, cols) block of a weight [..., out, in] whose scales have shape `grid`;
@@ -78,7 +216,7 @@ class Fp8:
         return block
 
 
-def detect(config: dict) -> Fp8 | None:
+def detect(config: dict) -> Scheme | None:
     """The checkpoint's quantization scheme from config.json's quantization_config (None when
     it has none); a scheme this tool cannot edit is a user error listing what it can."""
     qc = config.get("quantization_config") or (config.get("text_config") or {}).get(
@@ -93,9 +231,12 @@ def detect(config: dict) -> Fp8 | None:
         fmt = qc.get("fmt", "e4m3")
         if fmt not in ("e4m3", "float8_e4m3fn"):
             raise AblationError(f"config.json: fp8 format {fmt!r} is not supported (want e4m3)")
-        return Fp8("fp8", ".weight_scale_inv", _block(qc.get("weight_block_size")), _ue8m0(qc))
+        block = _block(qc.get("weight_block_size"))
+        return Scheme("fp8", E4M3, "{name}", "{stem}.weight_scale_inv", block, _ue8m0(qc))
     if method == "compressed-tensors":
         return _compressed_tensors(qc)
+    if method == "mxfp4":
+        return Scheme("mxfp4", E2M1, "{name}_blocks", "{name}_scales", (1, 32), True, "nibbles")
     raise AblationError(
         f"config.json: quantization {method!r} cannot be edited in place; supported: "
         + "; ".join(SUPPORTED)
@@ -118,27 +259,59 @@ def _ue8m0(qc: dict) -> bool:
     return qc.get("scale_fmt") == "ue8m0"
 
 
-def _compressed_tensors(qc: dict) -> Fp8:
-    """compressed-tensors: every weight scheme of its config groups must be 8-bit float."""
+def _compressed_tensors(qc: dict) -> Scheme:
+    """compressed-tensors: every weight scheme of its config groups must be one this tool
+    edits (8-bit float, or symmetric 4-bit integers packed in int32), and all the same."""
     groups = qc.get("config_groups") or {}
     schemes = [g.get("weights") or {} for g in groups.values() if isinstance(g, dict)]
     if not schemes:
         raise AblationError("config.json: compressed-tensors config without config_groups")
-    blocks = set()
-    for w in schemes:
-        kind = f"{w.get('type', '?')}{w.get('num_bits', '?')}"
-        if kind != "float8":
-            raise AblationError(
-                f"config.json: compressed-tensors {kind} weights ({qc.get('format')}) cannot "
-                "be edited in place yet; supported: " + "; ".join(SUPPORTED)
-            )
-        strategy = w.get("strategy", "tensor")
+    found = {_compressed_scheme(w, qc) for w in schemes}
+    if len(found) > 1:
+        raise AblationError("config.json: compressed-tensors groups with different schemes")
+    return found.pop()
+
+
+def _compressed_scheme(w: dict, qc: dict) -> Scheme:
+    kind = f"{w.get('type', '?')}{w.get('num_bits', '?')}"
+    strategy = w.get("strategy", "tensor")
+    if kind == "float8":
         if strategy not in ("tensor", "channel", "block"):
             raise AblationError(f"config.json: compressed-tensors strategy {strategy!r}")
-        blocks.add(_block(w.get("block_structure")) if strategy == "block" else None)
-    if len(blocks) > 1:
-        raise AblationError("config.json: compressed-tensors groups with different blocks")
-    return Fp8("compressed-tensors", ".weight_scale", blocks.pop(), _ue8m0(qc))
+        block = _block(w.get("block_structure")) if strategy == "block" else None
+        return Scheme(
+            "compressed-tensors", E4M3, "{name}", "{stem}.weight_scale", block, _ue8m0(qc)
+        )
+    if kind == "int4" and qc.get("format") == "pack-quantized":
+        if w.get("symmetric") is False:
+            raise AblationError(
+                "config.json: compressed-tensors int4 with zero points (symmetric: false) "
+                "cannot be edited in place; supported: " + "; ".join(SUPPORTED)
+            )
+        if strategy == "group":
+            size = w.get("group_size")
+            if not isinstance(size, int) or size <= 0 or size % 8:
+                raise AblationError(
+                    f"config.json: compressed-tensors int4 group size {size!r} "
+                    "(want a positive multiple of 8)"
+                )
+            block = (1, size)
+        elif strategy == "channel":
+            block = None
+        else:
+            raise AblationError(f"config.json: compressed-tensors int4 strategy {strategy!r}")
+        return Scheme(
+            "compressed-tensors int4",
+            INT4,
+            "{stem}.weight_packed",
+            "{stem}.weight_scale",
+            block,
+            packing="int32",
+        )
+    raise AblationError(
+        f"config.json: compressed-tensors {kind} weights ({qc.get('format')}) cannot "
+        "be edited in place; supported: " + "; ".join(SUPPORTED)
+    )
 
 
 def _expand(s: torch.Tensor, block: tuple[int, int], rows: int, cols: int) -> torch.Tensor:
@@ -162,47 +335,85 @@ def per_element(scale: torch.Tensor, block: tuple[int, int], shape: torch.Size) 
 
 
 def dequantize(
-    q: torch.Tensor, scale: torch.Tensor, block: tuple[int, int], dtype=torch.float32
+    q: torch.Tensor,
+    scale: torch.Tensor,
+    block: tuple[int, int],
+    dtype=torch.float32,
+    grid: Grid = E4M3,
 ) -> torch.Tensor:
-    """q [..., out, in] float8 and its scales [..., R, C] -> the logical weight (exact in
-    float64, one rounding in float32)."""
+    """Codes q [..., out, in] (one per element) and their scale values [..., R, C] -> the
+    logical weight (exact in float64, one rounding in float32)."""
     rows, cols = q.shape[-2:]
-    return q.to(dtype) * _expand(_grid(scale, q.shape).to(dtype), block, rows, cols)
+    return grid.decode(q, dtype) * _expand(_grid(scale, q.shape).to(dtype), block, rows, cols)
 
 
 def _scales(
-    w: torch.Tensor, block: tuple[int, int], like: torch.Tensor, ue8m0: bool
+    w: torch.Tensor, block: tuple[int, int], like: torch.Tensor, ue8m0: bool, grid: Grid
 ) -> torch.Tensor:
-    """Per-block absmax / 448, rounded to the stored scale dtype: [..., R, C] in that dtype."""
-    return _from_amax(_block_reduce(w.abs(), block, "amax"), like, ue8m0)
+    """Per-block absmax over the grid's largest value, rounded to the stored scale dtype:
+    [..., R, C] in that dtype."""
+    return _from_amax(_block_reduce(w.abs(), block, "amax"), like, ue8m0, grid)
 
 
 def quantize(
-    w: torch.Tensor, like_scale: torch.Tensor, block: tuple[int, int], ue8m0: bool = False
+    w: torch.Tensor,
+    like_scale: torch.Tensor,
+    block: tuple[int, int],
+    ue8m0: bool = False,
+    grid: Grid = E4M3,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """The logical weight [..., out, in] -> (float8 q, scales in like_scale's dtype and
-    shape): round to nearest on a per-block grid."""
+    """The logical weight [..., out, in] -> (codes, scales in like_scale's dtype and shape):
+    round to nearest on a per-block grid."""
     rows, cols = w.shape[-2:]
-    s = _scales(w, block, like_scale, ue8m0)
+    s = _scales(w, block, like_scale, ue8m0, grid)
     dt = torch.float64 if w.dtype == torch.float64 else torch.float32
     x = w.to(dt) / _expand(s.to(dt), block, rows, cols)
-    q = x.clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
-    return q, s.reshape(like_scale.shape)
+    return grid.encode(grid.nearest(x)), s.reshape(like_scale.shape)
+
+
+def values(
+    scheme: Scheme,
+    stored: torch.Tensor,
+    scale: torch.Tensor,
+    block: tuple[int, int],
+    dtype=torch.float32,
+) -> torch.Tensor:
+    """A weight's logical values [..., out, in] from its stored codes and scales."""
+    return dequantize(scheme.unpack(stored), scheme.scale_values(scale), block, dtype, scheme.grid)
+
+
+def edit_stored(
+    scheme: Scheme,
+    stored: torch.Tensor,
+    scale: torch.Tensor,
+    block: tuple[int, int],
+    d: torch.Tensor,
+    axis: int,
+    spec: edits.EditSpec,
+) -> tuple[torch.Tensor, torch.Tensor, Residue]:
+    """`edit` on a weight as the checkpoint stores it: (new codes, new scales) in the stored
+    dtypes and shapes, and the residues."""
+    q, s, res = edit(
+        scheme.unpack(stored),
+        scheme.scale_values(scale),
+        block,
+        scheme.ue8m0,
+        d,
+        axis,
+        spec,
+        scheme.grid,
+    )
+    return scheme.pack(q, tuple(stored.shape)), scheme.store_scales(s, scale), res
 
 
 SHIFT_ROUNDS = 2  # shifted roundings: most of the leftover projection goes
-FEEDBACK_ROUNDS = 5  # then single flips: each round leaves at most half its last flip
+FEEDBACK_ROUNDS = 12  # then single flips: each round leaves at most half its last flip
 FEEDBACK_CANDIDATES = 64  # per vector and round: the cheapest flips, by an estimate
 
 
 def grid_bracket(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The e4m3 values just below and just above t (equal on the grid), from the grid's shape
-    instead of float8 conversions (5x cheaper on a CPU): normals (1 + m/8) 2^e have spacing
-    2^(e-3), subnormals 2^-9; the grid stops at +-448."""
-    t = t.clamp(-E4M3_MAX, E4M3_MAX)
-    gap = torch.exp2(torch.floor(torch.log2(t.abs().clamp_min(2.0**-6))) - 3)
-    lo = torch.floor(t / gap) * gap
-    return lo, torch.where(lo == t, lo, lo + gap)
+    """The e4m3 values just below and just above t (equal on the grid)."""
+    return E4M3.bracket(t)
 
 
 def feedback(
@@ -226,9 +437,12 @@ def feedback(
     cost = ((alt - t).abs() - (v - t).abs()) * s  # added rounding error
     k = min(FEEDBACK_CANDIDATES, step.shape[1])
     # a flip helps when it moves the projection towards zero by less than twice the leftover,
-    # and k flips must be able to cancel it: none smaller than leftover / k
+    # and k flips must be able to cancel it: none smaller than leftover / k, unless fewer than
+    # k flips are that large (a coarse grid, a large leftover): then the k largest
     e = err.abs().unsqueeze(1)
-    useful = (step * err.unsqueeze(1) < 0) & (step.abs() < 2 * e) & (step.abs() >= e / k)
+    ok = (step * err.unsqueeze(1) < 0) & (step.abs() < 2 * e)
+    kth = torch.where(ok, step.abs(), 0.0).topk(k, dim=1).values[:, -1:]  # [n, 1]
+    useful = ok & (step.abs() >= torch.minimum(e / k, kth)) & (step.abs() > 0)
     rank = torch.where(useful, cost / step.abs().clamp_min(1e-30), torch.inf)
     best = rank.topk(k, dim=1, largest=False).indices  # [n, k], cheapest first
     g = torch.where(useful.gather(1, best), step.gather(1, best).abs(), 0.0)
@@ -290,7 +504,7 @@ def _slabs(
     return cuts, split
 
 
-def edit_fp8(
+def edit(
     q: torch.Tensor,
     scale: torch.Tensor,
     block: tuple[int, int],
@@ -298,59 +512,63 @@ def edit_fp8(
     d: torch.Tensor,
     axis: int,
     spec: edits.EditSpec,
+    fmt: Grid = E4M3,
 ) -> tuple[torch.Tensor, torch.Tensor, Residue]:
-    """The edit of a float8 weight q [..., out, in] with its scales, slab by slab: dequantize,
-    edit with the float kernel, quantize, feed the rounding back. Returns new (q, scale) in
-    the stored dtypes and shapes, and the residues. Sparse surgery (rows < 1) ranks vectors
-    across the whole tensor, so it takes the tensor as one slab. When a block is wider than a
-    slab (per-channel scales of a writer, a per-tensor scale), a first pass edits every slab
+    """The edit of a quantized weight, codes q [..., out, in] (one byte each) with its scale
+    values, slab by slab: dequantize, edit with the float kernel, quantize, feed the rounding
+    back. Returns new (codes, scales) in the given dtypes and shapes, and the residues. Sparse
+    surgery (rows < 1) ranks vectors across the whole tensor, so it takes the tensor as one
+    slab. When a block is wider than a slab (per-channel scales of a writer, a per-tensor
+    scale), a first pass edits every slab
     for the blocks' new absmax only, and the second edits again (the same bytes: the edit is
     deterministic) and rounds on those scales: twice the edit, memory one slab."""
     q, scale = q.clone(), scale.clone()
-    grid = _grid(scale, q.shape)
+    sgrid = _grid(scale, q.shape)
     single = d.ndim == 1 or (d.ndim == 2 and d.shape[0] == 1)
     cols = axis == q.ndim - 2  # vectors are columns: slabs are edited transposed, as rows
     cuts, split = _slabs(tuple(q.shape), axis, block, whole=spec.rows < 1.0)
     fixed = None
     if split:
-        amax = torch.zeros(grid.shape, dtype=torch.float32, device=q.device)
-        touched = torch.zeros(grid.shape, dtype=torch.bool, device=q.device)
+        amax = torch.zeros(sgrid.shape, dtype=torch.float32, device=q.device)
+        touched = torch.zeros(sgrid.shape, dtype=torch.bool, device=q.device)
         for cut, cut_s in cuts:
-            q_slab, s_slab = q[cut], grid[cut_s]
+            q_slab, s_slab = q[cut], sgrid[cut_s]
             if cols:  # the orientation of the second pass: the very same float edit
-                orig, x, _ = _edited(q_slab.T.contiguous(), s_slab.T, block[::-1], d, spec)
+                orig, x, _ = _edited(q_slab.T.contiguous(), s_slab.T, block[::-1], d, spec, fmt)
                 orig, x = orig.T, x.T
             else:
-                orig, x, _ = _edited(q_slab, s_slab, block, d, spec)
+                orig, x, _ = _edited(q_slab, s_slab, block, d, spec, fmt)
             changed = x != orig
             amax[cut_s] = torch.maximum(amax[cut_s], _block_reduce(x.abs(), block, "amax"))
             touched[cut_s] |= _block_reduce(changed, block, "any")
-        new_grid = torch.where(touched, _from_amax(amax, grid, ue8m0), grid)
+        new_grid = torch.where(touched, _from_amax(amax, sgrid, ue8m0, fmt), sgrid)
         fixed = (new_grid, ~touched)
     res = Residue()
-    source = grid.clone()  # slabs sharing a block read its old scale, not the one written
+    source = sgrid.clone()  # slabs sharing a block read its old scale, not the one written
     for cut, cut_s in cuts:
         q_slab, s_slab = q[cut], source[cut_s]
         given = (fixed[0][cut_s], fixed[1][cut_s]) if fixed else None
         if cols:
             given = (given[0].T, given[1].T) if given else None
             new_q, new_s, stages = _edit_rows(
-                q_slab.T.contiguous(), s_slab.T, block[::-1], ue8m0, d, single, spec, given
+                q_slab.T.contiguous(), s_slab.T, block[::-1], ue8m0, d, single, spec, given, fmt
             )
             new_q, new_s = new_q.T, new_s.T
         else:
-            new_q, new_s, stages = _edit_rows(q_slab, s_slab, block, ue8m0, d, single, spec, given)
+            new_q, new_s, stages = _edit_rows(
+                q_slab, s_slab, block, ue8m0, d, single, spec, given, fmt
+            )
         q[cut] = new_q
-        grid[cut_s] = new_s
+        sgrid[cut_s] = new_s
         res.update(**stages)
-    return q, grid.reshape(scale.shape), res
+    return q, sgrid.reshape(scale.shape), res
 
 
 def _edited(
-    q: torch.Tensor, s: torch.Tensor, block: tuple[int, int], d: torch.Tensor, spec
+    q: torch.Tensor, s: torch.Tensor, block: tuple[int, int], d: torch.Tensor, spec, fmt: Grid
 ) -> tuple[torch.Tensor, torch.Tensor, float]:
     """A slab's values, their float edit (vectors as rows) and its residue |Q v'| / |v'|."""
-    orig = dequantize(q, s, block)
+    orig = dequantize(q, s, block, grid=fmt)
     x = orig.clone()
     _, rel = edits.project_out_(x, d, 1, spec)
     return orig, x, rel
@@ -366,12 +584,20 @@ def _block_reduce(x: torch.Tensor, block: tuple[int, int], how: str) -> torch.Te
     return tiles.amax(dim=(-3, -1)) if how == "amax" else tiles.any(dim=-1).any(dim=-2)
 
 
-def _from_amax(amax: torch.Tensor, like: torch.Tensor, ue8m0: bool) -> torch.Tensor:
-    """Scales from block absmax, in the stored scale dtype."""
-    s = amax.double() / E4M3_MAX
+def _from_amax(amax: torch.Tensor, like: torch.Tensor, ue8m0: bool, fmt: Grid) -> torch.Tensor:
+    """Scales from block absmax, in the stored scale dtype: the block's largest magnitude
+    lands on the grid's largest value (powers of two round up, so it lands below)."""
+    s = amax.double() / fmt.highest
     if ue8m0:
         s = torch.exp2(torch.ceil(torch.log2(s.clamp_min(2.0**-127))))
-    return torch.where(amax > 0, s, torch.ones_like(s)).to(like.dtype)
+    s = torch.where(amax > 0, s, torch.ones_like(s))
+    stored = s.to(like.dtype)
+    if ue8m0 or stored.dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return stored
+    # a scale rounded down would push the block's largest value past the grid's
+    # end, where it would be clipped: round up instead
+    up = torch.nextafter(stored, torch.full_like(stored, math.inf))
+    return torch.where(stored.double() < s, up, stored)
 
 
 def _edit_rows(
@@ -383,17 +609,18 @@ def _edit_rows(
     single: bool,
     spec: edits.EditSpec,
     given: tuple[torch.Tensor, torch.Tensor] | None = None,
+    fmt: Grid = E4M3,
 ) -> tuple[torch.Tensor, torch.Tensor, dict[str, float]]:
     """One slab q [n, hidden] (whole vectors as rows) and its scales [R, C]: whole blocks, or
     (given) the new scales and which blocks keep their bytes, found over the whole tensor.
-    The rounding works on grid values in float32 and converts to float8 once (conversions
+    The rounding works on grid values in float32 and converts to codes once (conversions
     dominate the cost on a CPU)."""
     basis = edits.as_basis(d)
-    orig, x, rel = _edited(q, s, block, d, spec)
-    new_s = _scales(x, block, s, ue8m0) if given is None else given[0]
+    orig, x, rel = _edited(q, s, block, d, spec, fmt)
+    new_s = _scales(x, block, s, ue8m0, fmt) if given is None else given[0]
     per = _expand(new_s.float(), block, *x.shape)
     t = x / per  # the edit in grid units
-    lo, hi = grid_bracket(t)
+    lo, hi = fmt.bracket(t)
     v = torch.where(t - lo <= hi - t, lo, hi)  # round to nearest
     rtn = _rel(v * per, basis)
     changed = x != orig  # [n, hidden]
@@ -416,15 +643,15 @@ def _edit_rows(
     kept = ~_block_reduce(changed, block, "any") if given is None else given[1]  # [R, C]
     new_s = torch.where(kept, s, new_s)
     keep = _expand(kept, block, *x.shape)
-    new_q = v.to(torch.float8_e4m3fn)  # exact: every value is on the grid
-    new_q = torch.where(keep, q.view(torch.uint8), new_q.view(torch.uint8))
+    new_q = fmt.encode(v)  # exact: every value is on the grid
+    new_q = torch.where(keep, q.view(torch.uint8), new_q.view(torch.uint8)).view(q.dtype)
     stages = {
         "float": rel,
         "bf16": _rel(x.to(torch.bfloat16), basis),
         "rtn": rtn,
         "stored": _rel(torch.where(keep, orig, v * per), basis),
     }
-    return new_q.view(torch.float8_e4m3fn), new_s, stages
+    return new_q, new_s, stages
 
 
 def _shifted_rounding(

@@ -151,8 +151,8 @@ def weight_signal(
     with ShardFiles(model_dir) as files:
         for layer, t in tqdm(plan, desc="weights", unit="tensor", disable=None):
             w = files.read(t.info)
-            if t.scale is not None and t.block is not None:  # float8: its logical values
-                w = quant.dequantize(w, files.read(t.scale), t.block)
+            if arch.quant is not None and t.scale is not None and t.block is not None:
+                w = quant.values(arch.quant, w, files.read(t.scale), t.block)  # its values
             out.append(
                 analysis.writer_signal(
                     t.name, t.role, layer, w, meas.layers[layer].refusenorm, t.hidden_axis, null

@@ -133,11 +133,11 @@ class Plan:
             src = f" from measurement {order.measurement}, scale {order.scale:g}" if order else ""
             lines.append(f"layer {layer:>4} {_roles(roles)}{src}")
         lines.append(f"total      {len(self.edits)} tensors: {_roles(self.counts_by_role())}")
-        fp8 = [e for e in self.edits if e.target.scale is not None]
-        if fp8 and a.quant is not None:
+        packed = [e for e in self.edits if e.target.scale is not None]
+        if packed and a.quant is not None:
             lines.append(
-                f"float8     {len(fp8)} of them {a.quant.name}"
-                + (", ue8m0 scales" if a.quant.ue8m0 else "")
+                f"quantized  {len(packed)} of them {a.quant.name} ({a.quant.grid.name})"
+                + (", power-of-two scales" if a.quant.ue8m0 else "")
                 + ": dequantized, edited, requantized with their scales (error feedback)"
             )
         return lines
@@ -373,7 +373,7 @@ class Summary:
                 else ""
             ),
         ] + [
-            f"float8     {role}: |r.v|/|v| {r['stored']:.1e} stored (bf16 would leave "
+            f"quantized  {role}: |r.v|/|v| {r['stored']:.1e} stored (bf16 would leave "
             f"{r['bf16']:.1e}; round-to-nearest {r['rtn']:.1e})"
             for role, r in self.residue.items()
         ]
@@ -892,19 +892,20 @@ def _edit(
         residue_abs, residue_rel = edits.project_out_(w, d, t.hidden_axis, spec)
         record.update(max_abs_projection=residue_abs, max_rel_projection=residue_rel)
         return [(info, w.cpu())], record
-    assert plan.arch.quant is not None and t.block is not None  # architecture checked both
-    q, s, residue = quant.edit_fp8(
+    scheme = plan.arch.quant
+    assert scheme is not None and t.block is not None  # architecture checked both
+    q, s, residue = quant.edit_stored(
+        scheme,
         on_device["weight"],
         on_device["scale"],
         t.block,
-        plan.arch.quant.ue8m0,
         d.to(on_device["weight"].device),
         t.hidden_axis,
         spec,
     )
     record.update(
         max_rel_projection=residue.stored,
-        quantized={"format": plan.arch.quant.name, "block": list(t.block), **asdict(residue)},
+        quantized={"format": scheme.name, "block": list(t.block), **asdict(residue)},
     )
     return [(info, q.cpu()), (t.scale, s.cpu())], record
 

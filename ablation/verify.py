@@ -40,7 +40,7 @@ def tolerance(dtype: torch.dtype) -> float:
 
 
 def verify(plan: Plan, out: Path) -> Report:
-    """Edited tensors against the expected edit; float8 weights in their dequantized values."""
+    """Edited tensors against the expected edit; quantized weights in their dequantized values."""
     out_index = open_index(out)
     report = Report()
     if set(out_index.shards) != set(plan.index.shards):
@@ -68,7 +68,7 @@ def verify(plan: Plan, out: Path) -> Report:
                     elif name in planned:
                         _check_edit(plan, planned[name], fd_in, fd_out, report)
                     elif name in scales:
-                        pass  # a float8 weight's scale: checked with its weight
+                        pass  # a quantized weight's scale: checked with its weight
                     elif not _same_bytes(fd_in, fd_out, info):
                         report.failures.append(f"{name}: not planned for editing, but changed")
                     else:
@@ -132,26 +132,27 @@ def _check_edit(plan: Plan, e: Edit, fd_in: int, fd_out: int, report: Report) ->
 
 
 def _check_quantized(plan: Plan, e: Edit, out: Path, report: Report) -> None:
-    """A float8 weight: the stored values must lie on the grid points around the float edit
-    of the input's values (quant.py rounds each element to one of the two e4m3 values around
+    """A quantized weight: the stored values must lie on the grid points around the float edit
+    of the input's values (quant.py rounds each element to one of the two grid values around
     it), so |after - want| <= the spacing there, element by element; the residue and the norm
     change are then bounded by the same spacing, per vector."""
     t = e.target
-    assert t.scale is not None and t.block is not None
+    scheme = plan.arch.quant
+    assert t.scale is not None and t.block is not None and scheme is not None
     with ShardFiles(plan.model_dir) as before, ShardFiles(out) as written:
         q0, s0 = before.read(t.info), before.read(t.scale)
         q1, s1 = written.read(t.info), written.read(t.scale)
-    want = quant.dequantize(q0, s0, t.block, torch.float64)
+    want = quant.values(scheme, q0, s0, t.block, torch.float64)
     want = edits.project_out(
         want, plan.directions[e.direction], t.hidden_axis, e.spec(torch.float64)
     )
-    after = quant.dequantize(q1, s1, t.block, torch.float64)
-    per = quant.per_element(s1, t.block, q1.shape)
+    after = quant.values(scheme, q1, s1, t.block, torch.float64)
+    per = quant.per_element(scheme.scale_values(s1), t.block, after.shape)
     # the expected edit is recomputed here in float64, the rewrite ran in float32 (maybe on a
     # GPU): take the grid points around want widened by a relative 1e-6 on each side
     grid = want / per
-    lo = quant.grid_bracket(grid - 1e-6 * grid.abs())[0]
-    hi = quant.grid_bracket(grid + 1e-6 * grid.abs())[1]
+    lo = scheme.grid.bracket(grid - 1e-6 * grid.abs())[0]
+    hi = scheme.grid.bracket(grid + 1e-6 * grid.abs())[1]
     gap = (hi - lo) * per
     err = (after - want).abs()
     slack = 1e-9 * want.abs() + 1e-30
@@ -160,7 +161,8 @@ def _check_quantized(plan: Plan, e: Edit, out: Path, report: Report) -> None:
         i = int((err - gap).argmax())
         report.failures.append(
             f"{t.info.name}: element {i} is {err.flatten()[i].item():.3e} from the expected "
-            f"edit, more than the float8 grid spacing there ({gap.flatten()[i].item():.3e})"
+            f"edit, more than the {scheme.grid.name} grid spacing there "
+            f"({gap.flatten()[i].item():.3e})"
         )
     _, rel = edits.projection_residue(after, plan.directions[e.direction], t.hidden_axis)
     report.worst_residue = max(report.worst_residue, rel)

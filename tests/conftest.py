@@ -228,6 +228,20 @@ def run_cli(*args: str):
     return CliRunner().invoke(main, [str(a) for a in args])
 
 
+def weight_signals(tmp_path: Path, models: dict[str, Path]) -> dict[str, list[dict]]:
+    """analyze --weights of each model against tmp_path/model.refuse: its per-tensor rows."""
+    import json
+
+    out: dict[str, list[dict]] = {}
+    for name, model in models.items():
+        path = tmp_path / f"{name}.json"
+        res = run_cli("analyze", tmp_path / "model.refuse", "--weights", model, "--json", path)
+        assert res.exit_code == 0, res.output + res.stderr
+        out[name] = json.loads(path.read_text())["weights"]
+    assert out and all(rows for rows in out.values())
+    return out
+
+
 def assert_one_error(res, message: str) -> None:
     """Exit code 2 and exactly one `error:` line holding `message`, no traceback."""
     assert res.exit_code == 2, res.output + res.stderr

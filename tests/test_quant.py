@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import expect_error, run_cli
+from conftest import expect_error, run_cli, weight_signals
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
@@ -126,7 +126,7 @@ def test_edit_stays_on_the_grid_around_the_float_edit(axis, block):
     r = torch.randn(hidden, generator=g)
     r /= r.norm()
     spec = edits.EditSpec(1.0, True)
-    q1, s1, res = quant.edit_fp8(q, s, blk, False, r, axis, spec)
+    q1, s1, res = quant.edit(q, s, blk, False, r, axis, spec)
     want = edits.project_out(
         quant.dequantize(q, s, blk, torch.float64),
         r,
@@ -152,7 +152,7 @@ def test_blocks_the_edit_leaves_alone_keep_their_bytes():
     r = torch.zeros(512)
     r[:128] = torch.randn(128, generator=g)
     r /= r.norm()
-    q1, s1, _ = quant.edit_fp8(q, s, (128, 128), False, r, 1, edits.EditSpec(1.0, False))
+    q1, s1, _ = quant.edit(q, s, (128, 128), False, r, 1, edits.EditSpec(1.0, False))
     assert torch.equal(q1.view(torch.uint8)[:, 128:], q.view(torch.uint8)[:, 128:])
     assert torch.equal(s1[:, 1:], s[:, 1:])
     assert not torch.equal(q1.view(torch.uint8)[:, :128], q.view(torch.uint8)[:, :128])
@@ -366,7 +366,7 @@ def test_compressed_tensors_fp8(tmp_path, checkpoint, job, strategy):
     orders = job(model, components=["writers", "readers"])
     res = run_cli("ablate", orders)
     assert res.exit_code == 0, res.output + res.stderr
-    assert "float8     attn_out" in res.output
+    assert "quantized  attn_out" in res.output
     assert headers(tmp_path / "out") == headers(model)
     res = run_cli("verify", tmp_path / "out", "--orders", orders)
     assert res.exit_code == 0, res.output + res.stderr
@@ -401,7 +401,7 @@ O_PROJ = "model.layers.1.self_attn.o_proj.weight"
 def test_fp8_weight_without_its_scale(tmp_path, checkpoint, job):
     model = fp8_model(tmp_path, checkpoint)
     rewrite_one(model, O_PROJ + "_scale_inv", lambda t: t.pop(O_PROJ + "_scale_inv"))
-    expect_error(tmp_path, job(model), f"tensor {O_PROJ!r} is float8 without its scale")
+    expect_error(tmp_path, job(model), f"tensor {O_PROJ!r} is fp8 (e4m3) without its scale")
 
 
 def test_fp8_scale_of_the_wrong_shape(tmp_path, checkpoint, job):
@@ -415,15 +415,34 @@ def test_fp8_scale_of_the_wrong_shape(tmp_path, checkpoint, job):
 @pytest.mark.parametrize(
     "qconfig, message",
     [
-        ({"quant_method": "mxfp4"}, "quantization 'mxfp4' cannot be edited in place; supported"),
+        ({"quant_method": "gptq"}, "quantization 'gptq' cannot be edited in place; supported"),
+        ({"quant_method": "bitsandbytes"}, "quantization 'bitsandbytes' cannot be edited in"),
         ({"quant_method": "fp8", "fmt": "e5m2"}, "fp8 format 'e5m2' is not supported"),
         (
             {
                 "quant_method": "compressed-tensors",
                 "format": "pack-quantized",
-                "config_groups": {"g": {"weights": {"num_bits": 4, "type": "int"}}},
+                "config_groups": {"g": {"weights": {"num_bits": 8, "type": "int"}}},
             },
-            "compressed-tensors int4 weights (pack-quantized) cannot be edited in place yet",
+            "compressed-tensors int8 weights (pack-quantized) cannot be edited in place",
+        ),
+        (
+            {
+                "quant_method": "compressed-tensors",
+                "format": "pack-quantized",
+                "config_groups": {
+                    "g": {
+                        "weights": {
+                            "num_bits": 4,
+                            "type": "int",
+                            "strategy": "group",
+                            "group_size": 32,
+                            "symmetric": False,
+                        }
+                    }
+                },
+            },
+            "int4 with zero points (symmetric: false) cannot be edited in place",
         ),
         ({"quant_method": "fp8", "weight_block_size": [0, 128]}, "is not [rows, cols]"),
     ],
@@ -450,13 +469,7 @@ def test_analyze_reads_fp8_weights_as_their_values(tmp_path, checkpoint, job):
     fp8 = make_fp8(checkpoint("deepseek_v3"), tmp_path / "fp8", (8, 8))
     dense = make_dequantized(fp8, tmp_path / "dense", (8, 8))
     job(fp8)  # writes model.refuse
-    signals = {}
-    for name, model in (("fp8", fp8), ("dense", dense)):
-        out = tmp_path / f"{name}.json"
-        res = run_cli("analyze", tmp_path / "model.refuse", "--weights", model, "--json", out)
-        assert res.exit_code == 0, res.output + res.stderr
-        signals[name] = json.loads(out.read_text())["weights"]
-    assert signals["fp8"] and len(signals["fp8"]) == len(signals["dense"])
+    signals = weight_signals(tmp_path, {"fp8": fp8, "dense": dense})
     for a, b in zip(signals["fp8"], signals["dense"], strict=True):
         assert a["tensor"] == b["tensor"]
         assert a["energy_ratio"] == pytest.approx(b["energy_ratio"], rel=1e-5)
@@ -473,7 +486,7 @@ def test_fp8_ue8m0_with_layers_left_dense(tmp_path, checkpoint, job):
     orders = job(model, components=["writers"])
     res = run_cli("ablate", orders)
     assert res.exit_code == 0, res.output + res.stderr
-    assert "ue8m0 scales" in res.output
+    assert "power-of-two scales" in res.output
     assert run_cli("verify", tmp_path / "out", "--orders", orders).exit_code == 0
     record = json.loads((tmp_path / "out" / "ablation.json").read_text())
     kinds = {e["role"]: "quantized" in e for e in record["edits"]}
@@ -496,11 +509,11 @@ def test_blocks_wider_than_a_slab_take_two_passes(monkeypatch, block):
     r = torch.randn(512, generator=g)
     r /= r.norm()
     spec = edits.EditSpec(1.0, True)
-    _, s_whole, _ = quant.edit_fp8(q, s, block, False, r, 0, spec)
+    _, s_whole, _ = quant.edit(q, s, block, False, r, 0, spec)
     monkeypatch.setattr(quant, "SLAB_ELEMENTS", 512 * 8)  # 8 columns per slab
     cuts, split = quant._slabs((512, 384), 0, block, whole=False)
     assert split == (block[1] > 8) and len(cuts) == 384 // 8
-    q_split, s_split, res = quant.edit_fp8(q, s, block, False, r, 0, spec)
+    q_split, s_split, res = quant.edit(q, s, block, False, r, 0, spec)
     assert torch.equal(s_split, s_whole)
     want = edits.project_out(
         quant.dequantize(q, s, block, torch.float64), r, 0, edits.EditSpec(1.0, True, torch.float64)
@@ -513,14 +526,18 @@ def test_blocks_wider_than_a_slab_take_two_passes(monkeypatch, block):
     assert res.stored <= 2 * res.bf16, res
 
 
-def test_leftover_quantization_config_on_float_weights(tmp_path, checkpoint, job):
-    """A dequantized copy that kept its quantization_config (mxfp4 here) is edited as floats:
-    the config only matters where the weights really are quantized."""
+@pytest.mark.parametrize("method", ["mxfp4", "bitsandbytes"])
+def test_leftover_quantization_config_on_float_weights(tmp_path, checkpoint, job, method):
+    """A dequantized copy that kept its quantization_config (as dequantized gpt-oss releases
+    keep mxfp4's) is edited as floats: the config only matters where the weights really are
+    quantized; one this tool could not edit is then a warning."""
     model = tmp_path / "model"
     shutil.copytree(checkpoint("gpt_oss"), model)
     config = json.loads((model / "config.json").read_text())
-    config["quantization_config"] = {"quant_method": "mxfp4"}
+    config["quantization_config"] = {"quant_method": method}
     (model / "config.json").write_text(json.dumps(config))
     res = run_cli("ablate", job(model))
     assert res.exit_code == 0, res.output + res.stderr
-    assert "every tensor is a float: edited as floats" in res.stderr
+    record = json.loads((tmp_path / "out" / "ablation.json").read_text())
+    assert not any("quantized" in e for e in record["edits"])
+    assert ("every tensor is a float: edited as floats" in res.stderr) == (method != "mxfp4")
