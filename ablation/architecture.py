@@ -143,10 +143,6 @@ class Target:
     shape: tuple[int, ...] | None = None
 
     @property
-    def logical_shape(self) -> tuple[int, ...]:
-        return self.shape if self.shape is not None else tuple(self.info.shape)
-
-    @property
     def component(self) -> str:
         return ROLES[self.role][0]
 
