@@ -279,7 +279,7 @@ class Architecture:
         q = self.quant
         if (
             q is None
-            or info.dtype != q.data_dtype
+            or info.dtype != q.packing.dtype
             or info.name != q.data_name(q.weight_name(info.name))
         ):
             if info.dtype == "F8_E4M3" and q is None:
@@ -294,21 +294,13 @@ class Architecture:
             raise AblationError(
                 f"tensor {info.name!r} is {q.name} ({q.grid.name}) without its scale {scale_name!r}"
             )
-        if scale.dtype not in ("F32", "BF16", "F16", "F8_E8M0", "U8") or (
-            (scale.dtype == "U8") != (q.packing == "nibbles")
-        ):
+        if scale.dtype not in q.scale_dtypes:
             raise AblationError(
                 f"scale {scale_name!r} is {scale.dtype}, not a {q.name} scale of {info.name!r}"
             )
-        least = 4 if q.packing == "nibbles" else 2
-        if len(info.shape) < least:
+        if len(info.shape) < q.packing.axes + 1:
             raise AblationError(f"tensor {info.name!r} is {q.name} with shape {list(info.shape)}")
-        if q.packing == "nibbles" and info.shape[-1] * 2 != q.block[1]:
-            raise AblationError(
-                f"tensor {info.name!r} {list(info.shape)}: {q.name} blocks of "
-                f"{info.shape[-1] * 2} values, want {q.block[1]}"
-            )
-        shape = q.logical_shape(info.shape)
+        shape = q.packing.logical_shape(tuple(info.shape))
         return scale, q.block_of(shape, tuple(scale.shape), info.name), shape
 
     def _check_experts(self, layer: int, found: list[Target], held: list[str]) -> None:

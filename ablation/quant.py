@@ -59,13 +59,16 @@ SUPPORTED = (
 @dataclass(frozen=True)
 class Grid:
     """The values one code can take, in units of its scale: a float grid (normals
-    (1 + m / 2^mantissa) 2^e down to `tiny`, evenly spaced below it) or the integers."""
+    (1 + m / 2^mantissa) 2^e down to `tiny`, evenly spaced below it) or the integers. A code is
+    the value itself in `code_dtype`, or (`table`) an index into the list of values."""
 
     name: str
     lowest: float
     highest: float
     mantissa: int | None  # None: the integers
     tiny: float = 1.0
+    code_dtype: torch.dtype = torch.uint8
+    table: tuple[float, ...] | None = None  # sign in the top bit, magnitudes ascending below
 
     def bracket(self, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The grid values just below and just above t (equal on the grid), from the grid's
@@ -84,29 +87,75 @@ class Grid:
 
     def decode(self, codes: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
         """Codes (one byte each) -> their values."""
-        if self.name == "e2m1":
-            return E2M1_VALUES.to(device=codes.device, dtype=dtype)[codes.long()]
-        return codes.to(dtype)
+        if self.table is None:
+            return codes.to(dtype)
+        return torch.tensor(self.table, dtype=dtype, device=codes.device)[codes.long()]
 
     def encode(self, v: torch.Tensor) -> torch.Tensor:
         """Values on the grid -> codes (exact)."""
-        if self.name == "e4m3":
-            return v.to(torch.float8_e4m3fn)
-        if self.name == "int4":
-            return v.to(torch.int8)
-        mags = E2M1_VALUES[:8].to(v)
+        if self.table is None:
+            return v.to(self.code_dtype)
+        half = len(self.table) // 2
+        mags = torch.tensor(self.table[:half], dtype=v.dtype, device=v.device)
         idx = torch.bucketize(v.abs(), mags)  # exact: every magnitude is one of them
-        return (idx + 8 * (v < 0)).to(torch.uint8)
+        return (idx + half * (v < 0)).to(self.code_dtype)
 
 
-E4M3 = Grid("e4m3", -448.0, 448.0, 3, 2.0**-6)
-E2M1 = Grid("e2m1", -6.0, 6.0, 1, 1.0)
-INT4 = Grid("int4", -8.0, 7.0, None)
-# an e2m1 code's value: bit 3 the sign, bits 0-2 the magnitude's index
-E2M1_VALUES = torch.tensor(
-    [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0]
+E4M3 = Grid("e4m3", -448.0, 448.0, 3, 2.0**-6, torch.float8_e4m3fn)
+INT4 = Grid("int4", -8.0, 7.0, None, code_dtype=torch.int8)
+E2M1 = Grid(
+    "e2m1",
+    -6.0,
+    6.0,
+    1,
+    1.0,
+    table=(0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0),
 )
 E4M3_MAX = E4M3.highest
+
+
+@dataclass(frozen=True)
+class Packing:
+    """How codes sit in the stored words: `per_word` 4-bit codes to a word (the first in the
+    lowest bits, stored as code + `offset`), the weight's input axis spread over the last
+    `axes` stored axes (MXFP4: [..., out, in/32, 16]); per_word 1: a code per element."""
+
+    dtype: str  # the stored words' safetensors dtype
+    per_word: int = 1
+    offset: int = 0
+    axes: int = 1
+
+    def logical_shape(self, stored: tuple[int, ...]) -> tuple[int, ...]:
+        """The weight's shape [..., out, in] from its codes' stored shape."""
+        lead = stored[: len(stored) - self.axes]
+        return (*lead, math.prod(stored[len(stored) - self.axes :]) * self.per_word)
+
+    def unpack(self, stored: torch.Tensor, code_dtype: torch.dtype) -> torch.Tensor:
+        """Stored words -> one byte per code, shaped as the weight [..., out, in]."""
+        if self.per_word == 1:
+            return stored
+        words = stored.reshape(*stored.shape[: stored.ndim - self.axes], -1).to(torch.int32)
+        shifts = torch.arange(0, 4 * self.per_word, 4, dtype=torch.int32, device=stored.device)
+        nib = (words.unsqueeze(-1) >> shifts) & 0x0F  # [..., in / per_word, per_word]
+        return (nib - self.offset).to(code_dtype).reshape(*words.shape[:-1], -1)
+
+    def pack(self, codes: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        """One byte per code [..., out, in] -> words shaped and typed as `like`."""
+        if self.per_word == 1:
+            return codes
+        shifts = torch.arange(0, 4 * self.per_word, 4, dtype=torch.int64, device=codes.device)
+        nib = (codes.to(torch.int64) + self.offset).reshape(*codes.shape[:-1], -1, self.per_word)
+        word = (nib << shifts).sum(dim=-1)  # unsigned, below 2^(4 per_word)
+        bits = 8 * like.element_size()
+        if not like.dtype.is_signed:
+            return word.to(like.dtype).reshape(like.shape)
+        signed = torch.where(word >= 2 ** (bits - 1), word - 2**bits, word)
+        return signed.to(like.dtype).reshape(like.shape)
+
+
+FLOAT8 = Packing("F8_E4M3")
+NIBBLES = Packing("U8", per_word=2, axes=2)  # MXFP4 blocks: [..., out, in/32, 16]
+INT32_NIBBLES = Packing("I32", per_word=8, offset=8)  # compressed-tensors pack-quantized
 
 
 @dataclass(frozen=True)
@@ -114,7 +163,8 @@ class Scheme:
     """One quantization of a checkpoint: its grid, where a weight's codes and scales are
     stored (templates over the weight's name and its stem, the name without ".weight"), how the
     codes are packed, the block (None: derived per tensor from the scale grid: per channel or
-    per tensor) and power-of-two scales."""
+    per tensor), power-of-two scales, and the dtypes its scales may have (uint8: e8m0
+    exponents, 2^(s - 127))."""
 
     name: str
     grid: Grid
@@ -122,17 +172,14 @@ class Scheme:
     scale: str  # e.g. "{stem}.weight_scale_inv"
     block: tuple[int, int] | None
     ue8m0: bool = False
-    packing: str = "none"  # "none": a code per element; "nibbles": 2 per byte; "int32": 8
+    packing: Packing = FLOAT8
+    scale_dtypes: tuple[str, ...] = ("F32", "BF16", "F16", "F8_E8M0")
 
     @property
     def input_last(self) -> bool:
         """Whether the codes hold the weight with its input axis last whatever the model's
         layout (packed groups run along the input); float8 codes are the parameter itself."""
-        return self.packing != "none"
-
-    @property
-    def data_dtype(self) -> str:
-        return {"none": "F8_E4M3", "nibbles": "U8", "int32": "I32"}[self.packing]
+        return self.packing.per_word > 1
 
     def _fill(self, template: str, weight: str) -> str:
         return template.format(name=weight, stem=weight.removesuffix(".weight"))
@@ -149,36 +196,11 @@ class Scheme:
         name = data_name.removesuffix(rest) if rest else data_name
         return name if key == "name" else name + ".weight"
 
-    def logical_shape(self, stored: tuple[int, ...]) -> tuple[int, ...]:
-        """The weight's shape [..., out, in] from its codes' stored shape."""
-        if self.packing == "nibbles":  # [..., out, in/32, 16]
-            return (*stored[:-2], stored[-2] * stored[-1] * 2)
-        if self.packing == "int32":  # [..., out, in/8]
-            return (*stored[:-1], stored[-1] * 8)
-        return tuple(stored)
-
     def unpack(self, stored: torch.Tensor) -> torch.Tensor:
-        """Stored codes -> one byte per code, shaped as the weight [..., out, in]."""
-        if self.packing == "nibbles":
-            pairs = torch.stack((stored & 0x0F, stored >> 4), dim=-1)  # [..., G, 16, 2]
-            return pairs.reshape(*stored.shape[:-2], -1)
-        if self.packing == "int32":
-            shifts = torch.arange(0, 32, 4, dtype=torch.int32, device=stored.device)
-            nib = (stored.unsqueeze(-1) >> shifts) & 0x0F  # [..., in/8, 8]
-            return (nib - 8).to(torch.int8).reshape(*stored.shape[:-1], -1)
-        return stored
+        return self.packing.unpack(stored, self.grid.code_dtype)
 
-    def pack(self, codes: torch.Tensor, stored_shape: tuple[int, ...]) -> torch.Tensor:
-        """One byte per code [..., out, in] -> the stored layout (inverse of unpack)."""
-        if self.packing == "nibbles":
-            pairs = codes.reshape(*stored_shape, 2)
-            return pairs[..., 0] | (pairs[..., 1] << 4)
-        if self.packing == "int32":
-            shifts = torch.arange(0, 32, 4, dtype=torch.int64, device=codes.device)
-            nib = (codes.to(torch.int64) + 8).reshape(*stored_shape, 8)
-            word = (nib << shifts).sum(dim=-1)  # [..., in/8], 0 .. 2^32 - 1
-            return torch.where(word >= 2**31, word - 2**32, word).to(torch.int32)
-        return codes
+    def pack(self, codes: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return self.packing.pack(codes, like)
 
     def scale_values(self, stored: torch.Tensor) -> torch.Tensor:
         """Stored scales -> a float tensor holding them exactly (e8m0 bytes: 2^(s - 127))."""
@@ -236,7 +258,9 @@ def detect(config: dict) -> Scheme | None:
     if method == "compressed-tensors":
         return _compressed_tensors(qc)
     if method == "mxfp4":
-        return Scheme("mxfp4", E2M1, "{name}_blocks", "{name}_scales", (1, 32), True, "nibbles")
+        return Scheme(
+            "mxfp4", E2M1, "{name}_blocks", "{name}_scales", (1, 32), True, NIBBLES, ("U8",)
+        )
     raise AblationError(
         f"config.json: quantization {method!r} cannot be edited in place; supported: "
         + "; ".join(SUPPORTED)
@@ -306,7 +330,8 @@ def _compressed_scheme(w: dict, qc: dict) -> Scheme:
             "{stem}.weight_packed",
             "{stem}.weight_scale",
             block,
-            packing="int32",
+            packing=INT32_NIBBLES,
+            scale_dtypes=("F32", "BF16", "F16"),
         )
     raise AblationError(
         f"config.json: compressed-tensors {kind} weights ({qc.get('format')}) cannot "
@@ -403,7 +428,7 @@ def edit_stored(
         spec,
         scheme.grid,
     )
-    return scheme.pack(q, tuple(stored.shape)), scheme.store_scales(s, scale), res
+    return scheme.pack(q, stored), scheme.store_scales(s, scale), res
 
 
 SHIFT_ROUNDS = 2  # shifted roundings: most of the leftover projection goes
