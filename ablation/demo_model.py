@@ -150,7 +150,7 @@ RECIPE = {  # changing any of these rebuilds the cached model
     "rank": 16,
     "batch_size": 16,
     "seed": 0,
-    "refusal_weight": 2.25,  # refusals weigh more than openers (held-out harmful tasks are new)
+    "refusal_weight": 1.25,  # refusals weigh more than openers (held-out harmful tasks are new)
     "modules": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
 }
 
