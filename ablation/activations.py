@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import logging
 import re
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -155,6 +156,102 @@ def _routers(model, num_experts: int | None) -> dict[int, torch.nn.Module]:
     return found
 
 
+def moe_shape(config) -> tuple[int | None, int | None]:
+    """(experts per MoE layer, experts chosen per token) from a model's config; (None, None)
+    for a dense model."""
+    text = config.get_text_config()
+    experts = next(
+        (
+            getattr(text, k)
+            for k in ("num_experts", "num_local_experts", "n_routed_experts")
+            if isinstance(getattr(text, k, None), int)
+        ),
+        None,
+    )
+    return experts, getattr(text, "num_experts_per_tok", None)
+
+
+class RouterCounts:
+    """How often each expert is selected (top-k) per MoE layer, over the real tokens of the
+    batch being run (`mask`, padding excluded), by forward hooks on the routers. `counts` is
+    the dict being filled; swap it to count several prompt sets in one pass."""
+
+    def __init__(self, model, num_experts: int | None, top_k: int | None) -> None:
+        self.num_experts, self.top_k = num_experts or 0, top_k
+        self.mask: torch.Tensor | None = None  # [batch * seq] bool
+        self.counts: dict[int, torch.Tensor] = {}
+        self._hooks = [
+            m.register_forward_hook(self._hook(layer))
+            for layer, m in _routers(model, num_experts).items()
+        ]
+
+    def _hook(self, layer: int):
+        def hook(_module, _inputs, output):
+            if self.mask is None:
+                return
+            idx = _selected(output, self.top_k)
+            if idx is None or idx.shape[0] != self.mask.shape[0]:
+                return
+            flat = idx[self.mask].reshape(-1).cpu()
+            n = self.num_experts
+            self.counts[layer] = (
+                self.counts.get(layer, torch.zeros(n, dtype=torch.float64))
+                + torch.bincount(flat, minlength=n).double()
+            )
+
+        return hook
+
+    def close(self) -> None:
+        for hk in self._hooks:
+            hk.remove()
+
+
+class Accumulator:
+    """Per-layer sums and (optionally) each prompt's state, filled batch by batch."""
+
+    def __init__(self, n: int, keep_states: bool) -> None:
+        self.n, self.keep_states = n, keep_states
+        self.sums: torch.Tensor | None = None
+        self.states: torch.Tensor | None = None
+        self.tokens = 0
+
+    def add(self, chunk: list[int], h: torch.Tensor, layers: slice = slice(None)) -> None:
+        """h: [b, layers, hidden] for the prompts `chunk`, at the layers `layers`."""
+        if self.sums is None:
+            raise RuntimeError("Accumulator.shape() first")
+        self.sums[layers] += h.double().sum(0).cpu()
+        if self.states is not None:
+            self.states[torch.tensor(chunk), layers] = h.float().cpu()
+
+    def shape(self, layers: int, hidden: int) -> None:
+        if self.sums is None:
+            self.sums = torch.zeros((layers, hidden), dtype=torch.float64)
+            if self.keep_states:
+                self.states = torch.zeros((self.n, layers, hidden), dtype=torch.float32)
+
+    def result(self, counts: dict[int, torch.Tensor]) -> Collected:
+        if self.sums is None:
+            raise AblationError("no prompts to run")
+        return Collected(self.sums, self.n, self.states, counts, self.tokens)
+
+
+@contextmanager
+def oom_is_user_error(batch_size: int) -> Iterator[None]:
+    """Out of memory (GPU or host) is one line suggesting a smaller batch."""
+    try:
+        yield
+    except torch.OutOfMemoryError as exc:
+        raise AblationError(
+            f"out of memory at batch size {batch_size}: try a smaller --batch-size"
+        ) from exc
+    except RuntimeError as exc:
+        if "can't allocate memory" in str(exc) or "out of memory" in str(exc).lower():
+            raise AblationError(
+                f"out of memory at batch size {batch_size}: try a smaller --batch-size"
+            ) from exc
+        raise
+
+
 def collect(
     model,
     seqs: list[list[int]],
@@ -168,64 +265,30 @@ def collect(
 ) -> Collected:
     """Forward passes over length-sorted, left-padded batches; the hidden state of every layer
     at the last prompt token (or at the first generated token) of each prompt."""
-    if position not in POSITIONS:
-        raise AblationError(f"--position {position!r}: use one of {', '.join(POSITIONS)}")
+    check_position(position)
     device = model.get_input_embeddings().weight.device
-    sums = states = None
-    routers = _routers(model, num_experts)
-    counts: dict[int, torch.Tensor] = {}
-    live: dict = {}
-
-    def count_hook(layer: int):
-        def hook(_module, _inputs, output):
-            mask = live.get("mask")
-            if mask is None:
-                return
-            idx = _selected(output, top_k)
-            if idx is None or idx.shape[0] != mask.shape[0]:
-                return
-            flat = idx[mask].reshape(-1).cpu()
-            n = num_experts or 0
-            counts[layer] = (
-                counts.get(layer, torch.zeros(n, dtype=torch.float64))
-                + torch.bincount(flat, minlength=n).double()
-            )
-
-        return hook
-
-    hooks = [m.register_forward_hook(count_hook(layer)) for layer, m in routers.items()]
-    tokens = 0
+    acc = Accumulator(len(seqs), keep_states)
+    routers = RouterCounts(model, num_experts, top_k)
     try:
-        with torch.inference_mode():
-            for chunk in _batches(seqs, batch_size):
-                ids, mask = _pad([seqs[i] for i in chunk], pad_id, device)
-                tokens += int(mask.sum())
-                h = _states_at(model, ids, mask, position, live)  # [b, layers, hidden]
-                if sums is None:
-                    sums = torch.zeros(h.shape[1:], dtype=torch.float64)
-                    if keep_states:
-                        states = torch.zeros((len(seqs), *h.shape[1:]), dtype=torch.float32)
-                sums += h.double().sum(0).cpu()
-                if states is not None:
-                    states[torch.tensor(chunk)] = h.float().cpu()
+        with torch.inference_mode(), oom_is_user_error(batch_size):
+            for chunk in batches(seqs, batch_size):
+                ids, mask = pad([seqs[i] for i in chunk], pad_id, device)
+                acc.tokens += int(mask.sum())
+                routers.mask = mask.reshape(-1).bool()
+                h = _states_at(model, ids, mask, position)  # [b, layers, hidden]
+                routers.mask = None
+                acc.shape(h.shape[1], h.shape[2])
+                acc.add(chunk, h)
                 if progress:
                     progress(len(chunk))
-    except torch.OutOfMemoryError as exc:
-        raise AblationError(
-            f"out of memory at batch size {batch_size}: try a smaller --batch-size"
-        ) from exc
-    except RuntimeError as exc:
-        if "can't allocate memory" in str(exc) or "out of memory" in str(exc).lower():
-            raise AblationError(
-                f"out of memory at batch size {batch_size}: try a smaller --batch-size"
-            ) from exc
-        raise
     finally:
-        for hk in hooks:
-            hk.remove()
-    if sums is None:
-        raise AblationError("no prompts to run")
-    return Collected(sums, len(seqs), states, counts, tokens)
+        routers.close()
+    return acc.result(routers.counts)
+
+
+def check_position(position: str) -> None:
+    if position not in POSITIONS:
+        raise AblationError(f"--position {position!r}: use one of {', '.join(POSITIONS)}")
 
 
 def _selected(output, top_k: int | None) -> torch.Tensor | None:
@@ -241,7 +304,7 @@ def _selected(output, top_k: int | None) -> torch.Tensor | None:
     return None
 
 
-def _pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
+def pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(s) for s in seqs)
     ids = torch.full((len(seqs), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(seqs), width), dtype=torch.long)
@@ -251,11 +314,13 @@ def _pad(seqs: list[list[int]], pad_id: int, device) -> tuple[torch.Tensor, torc
     return ids.to(device), mask.to(device)
 
 
-def _states_at(
-    model, ids: torch.Tensor, mask: torch.Tensor, position: str, live: dict
-) -> torch.Tensor:
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)  # real positions despite left padding
-    live["mask"] = mask.reshape(-1).bool()
+def positions_of(mask: torch.Tensor) -> torch.Tensor:
+    """Position ids of left-padded rows: real positions despite the padding."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def _states_at(model, ids: torch.Tensor, mask: torch.Tensor, position: str) -> torch.Tensor:
+    positions = positions_of(mask)
     out = model(
         input_ids=ids,
         attention_mask=mask,
@@ -264,7 +329,6 @@ def _states_at(
         use_cache=position == "first-generated",
         logits_to_keep=1,
     )
-    live["mask"] = None
     if position == "first-generated":
         nxt = out.logits[:, -1].argmax(-1, keepdim=True)  # [b, 1]
         mask = torch.cat([mask, torch.ones_like(nxt)], dim=1)
@@ -281,7 +345,7 @@ def _states_at(
     return torch.stack([h[:, -1, :].to(hidden[0].device) for h in hidden], dim=1)
 
 
-def _batches(seqs: list[list[int]], batch_size: int) -> list[list[int]]:
+def batches(seqs: list[list[int]], batch_size: int) -> list[list[int]]:
     """Indices grouped into batches of similar length (longest first)."""
     order = sorted(range(len(seqs)), key=lambda i: -len(seqs[i]))
     return [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
@@ -299,8 +363,8 @@ def generate(
     device = model.get_input_embeddings().weight.device
     out: list[list[int]] = [[] for _ in seqs]
     with torch.inference_mode():
-        for chunk in _batches(seqs, batch_size):
-            ids, mask = _pad([seqs[i] for i in chunk], pad_id, device)
+        for chunk in batches(seqs, batch_size):
+            ids, mask = pad([seqs[i] for i in chunk], pad_id, device)
             gen = model.generate(
                 input_ids=ids,
                 attention_mask=mask,
@@ -329,9 +393,9 @@ def next_token_logits(
     device = model.get_input_embeddings().weight.device
     out: torch.Tensor | None = None
     with torch.inference_mode():
-        for chunk in _batches(seqs, batch_size):
-            ids, mask = _pad([seqs[i] for i in chunk], pad_id, device)
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        for chunk in batches(seqs, batch_size):
+            ids, mask = pad([seqs[i] for i in chunk], pad_id, device)
+            positions = positions_of(mask)
             logits = (
                 model(input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=1)
                 .logits[:, -1]
@@ -370,14 +434,14 @@ def answer_logprobs(
     out_ix: list[torch.Tensor] = [torch.zeros(0, TOP_BINS, dtype=torch.long) for _ in seqs]
     full = [s + a for s, a in zip(seqs, answers, strict=True)]
     with torch.inference_mode():
-        for chunk in _batches(full, batch_size):
+        for chunk in batches(full, batch_size):
             keep = max(len(answers[i]) for i in chunk)
             if keep == 0:
                 if progress:
                     progress(len(chunk))
                 continue
-            ids, mask = _pad([full[i] for i in chunk], pad_id, device)
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
+            ids, mask = pad([full[i] for i in chunk], pad_id, device)
+            positions = positions_of(mask)
             logits = model(
                 input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep + 1
             ).logits[:, :-1]  # [b, keep, vocab]: the predictions of the last `keep` tokens

@@ -264,3 +264,26 @@ def kl_binned(base_logprobs: torch.Tensor, other_logprobs: torch.Tensor) -> torc
     KL, and a tight one when the base's top tokens hold almost all of its mass."""
     p_log, q_log = base_logprobs.double(), other_logprobs.double()
     return (p_log.exp() * (p_log - q_log)).sum(-1)
+
+
+OPENER_MASS = 0.9  # refusal openers are sought among the tokens holding this much harmful mass
+OPENER_RATIO = 4.0  # ... that are this many times likelier after harmful than harmless prompts
+
+
+def refusal_openers(harmful_logits: torch.Tensor, harmless_logits: torch.Tensor) -> torch.Tensor:
+    """The first tokens a model opens its refusals with, found without generating: among the
+    tokens that hold most of its first-token mass after harmful prompts, those it is at least
+    OPENER_RATIO times likelier to say there than after harmless prompts (a model that answers
+    both with "Sure" or "Here" has no such token). [n_h, vocab], [n_l, vocab] -> bool [vocab]."""
+    ph = torch.softmax(harmful_logits.double(), dim=-1).mean(0)  # [vocab]
+    pl = torch.softmax(harmless_logits.double(), dim=-1).mean(0)
+    order = ph.argsort(descending=True)
+    head = order[: int((ph[order].cumsum(0) < OPENER_MASS).sum()) + 1]
+    openers = torch.zeros_like(ph, dtype=torch.bool)
+    openers[head] = ph[head] >= OPENER_RATIO * pl[head]
+    return openers
+
+
+def opener_mass(logits: torch.Tensor, openers: torch.Tensor) -> torch.Tensor:
+    """Each prompt's first-token probability on the refusal openers: [n, vocab] -> [n]."""
+    return torch.softmax(logits.double(), dim=-1)[:, openers].sum(-1)

@@ -155,6 +155,19 @@ class Target:
         return self.component in (*READERS, "router")
 
 
+@dataclass(frozen=True)
+class Coded:
+    """A quantized weight as stored: its codes and scale tensors, the block of elements per
+    scale, its shape [..., out, in], and whether the model's parameter swaps the last two."""
+
+    name: str
+    codes: TensorInfo
+    scale: TensorInfo
+    block: tuple[int, int]
+    shape: tuple[int, ...]
+    swap: bool
+
+
 @dataclass
 class Architecture:
     """A family's table bound to one checkpoint: its prefix, sizes and tensor index."""
@@ -270,6 +283,31 @@ class Architecture:
         if norm is not None and norm not in self.index.tensors:
             raise AblationError(f"tensor {info.name!r}: its norm {norm!r} is missing")
         return Target(info.name, row.role, layer, axis, info, expert, norm, scale, block, shape)
+
+    def coded(self, info: TensorInfo) -> Coded | None:
+        """How a quantized weight's values come out of its stored codes (None for a float
+        tensor or a companion): its name, scale, block, and whether the model holds it with
+        the last two axes swapped (applied as x @ W: its table row's input_axis)."""
+        scale, block, shape = self._scale_of(info)
+        if scale is None or block is None or shape is None or self.quant is None:
+            return None
+        name = self.quant.weight_name(info.name)
+        swap = self.quant.input_last and self._input_axis(name) == len(shape) - 2
+        return Coded(name, info, scale, block, shape, swap)
+
+    def _input_axis(self, name: str) -> int | None:
+        layer = re.escape(self.prefix) + re.escape(self.family.layer).replace(
+            re.escape("${layer}"), r"\d+"
+        )
+        for row, base in [(r, layer) for r in self.family.tensors] + [
+            (r, re.escape(self.prefix)) for r in self.family.globals
+        ]:
+            if row.input_axis is None:
+                continue
+            pattern = base + re.escape(row.name).replace(re.escape("${expert}"), r"\d+")
+            if re.fullmatch(pattern, name):
+                return row.input_axis
+        return None
 
     def _scale_of(
         self, info: TensorInfo

@@ -299,6 +299,12 @@ def _run_options(split: str) -> Callable[[Callable], Callable]:
 @click.option(
     "--require-template", is_flag=True, help="Fail when the tokenizer has no chat template."
 )
+@click.option(
+    "--stream-layers/--no-stream-layers",
+    default=None,
+    help="Run the model one decoder layer at a time, read from the shards (memory: about two "
+    "layers plus the prompts' states). Default: only when the model does not fit in memory.",
+)
 @_verbosity
 def measure(**kwargs: Any) -> None:
     """Measure per-layer refusal directions and write a .refuse file."""
@@ -437,6 +443,12 @@ def analyze(
     default=True,
     help="Recompute the base model's numbers.",
 )
+@click.option(
+    "--stream-layers",
+    is_flag=True,
+    help="Models bigger than memory: each streamed once, one decoder layer at a time; "
+    "first-token scores only (KL on harmless prompts, refusal-opener probability on harmful).",
+)
 @_verbosity
 def evaluate(**kwargs: Any) -> None:
     """Refusal rate and KL(base || ablated), side by side."""
@@ -444,7 +456,8 @@ def evaluate(**kwargs: Any) -> None:
     for line in evaluate_mod.table(result):
         click.echo(line)
     click.echo(f"eval       {result['files']['eval']}")
-    click.echo(f"responses  {result['files']['responses']}")
+    if "responses" in result["files"]:
+        click.echo(f"responses  {result['files']['responses']}")
 
 
 @main.command()

@@ -140,7 +140,18 @@ def model_card(
         f"|---|---|---|---|---|---|---|\n{rows}",
         f"Measurement (`.refuse`, sha256 `{record['refuse']['sha256'][:16]}...`): {measured}.",
     ]
-    if evaluation:
+    if evaluation and evaluation.get("mode") == "streamed":
+        ft = evaluation["first_token"]
+        rs, kl = ft["refusal_score"], ft["kl"]
+        sections.append(
+            "## Evaluation (first token only, models streamed layer by layer)\n\n"
+            "| | base | abliterated |\n|---|---|---|\n"
+            f"| probability of a refusal opener ({rs['n_harmful']} held-out harmful prompts) | "
+            f"{rs['base']:.1%} | {rs['ablated']:.1%} |\n"
+            f"| KL(base \\|\\| abliterated), first token, harmless prompts | - | "
+            f"{kl['mean']:.4f} |"
+        )
+    elif evaluation:
         b, a, kl = evaluation["base"], evaluation["ablated"], evaluation["kl"]
         rows = [
             f"| refusal rate ({b['n_harmful']} held-out harmful prompts) | "

@@ -27,7 +27,15 @@ class Layout:
     parameter, a view edited in place. Any other conversion is an error naming it."""
 
     def __init__(self, model: torch.nn.Module):
-        self.params = dict(model.named_parameters(remove_duplicate=False))
+        self.model = model
+        self.params: dict[str, torch.Tensor] = {
+            **{
+                n: b
+                for n, b in model.named_buffers(remove_duplicate=False)
+                if n.rsplit(".", 1)[-1] not in _non_persistent(model, n)
+            },
+            **dict(model.named_parameters(remove_duplicate=False)),
+        }
         self.prefix = getattr(model, "base_model_prefix", None)
         self.renamings: list = []
         self.converters: list = []
@@ -42,38 +50,55 @@ class Layout:
     def view(self, name: str, shape: tuple[int, ...]) -> torch.Tensor:
         """The loaded model's tensor for checkpoint tensor `name`: a parameter's data or a
         view into a fused one."""
-        p = self.params.get(name)
-        if p is None:
-            p, index = self._converted(name, shape)
-            t = p.data[index]
-        else:
-            t = p.data
+        found = self.locate(name, shape)
+        if found is None:
+            raise AblationError(
+                f"the loaded model has no parameter for checkpoint tensor {name!r} (looked for "
+                f"{self.target_of(name)!r}); the in-memory edit needs it"
+            )
+        return self.tensor(*found, name, shape)
+
+    def tensor(self, param: str, index: tuple, name: str, shape: tuple[int, ...]) -> torch.Tensor:
+        """The model's current tensor `param` (looked up again: materializing a module
+        replaces its tensors), indexed, checked against the checkpoint's shape."""
+        t = self.model.get_parameter_or_buffer(param)
+        t = t.data[index] if index else t.data
         if tuple(t.shape) != tuple(shape):
             raise AblationError(
                 f"parameter for {name!r} has shape {list(t.shape)}, the checkpoint {list(shape)}"
             )
         return t
 
-    def _converted(self, name: str, shape: tuple[int, ...]) -> tuple[torch.nn.Parameter, tuple]:
-        from transformers.core_model_loading import Concatenate, MergeModulelist, apply_renamings
+    def target_of(self, name: str) -> str:
+        from transformers.core_model_loading import apply_renamings
 
-        key = apply_renamings(name, self.renamings)
+        return apply_renamings(name, self.renamings) if self.renamings else name
+
+    def locate(self, name: str, shape: tuple[int, ...]) -> tuple[str, tuple] | None:
+        """(parameter or buffer name, index into it) of checkpoint tensor `name`; None when
+        the model has no such tensor (transformers ignores those on load too)."""
+        if name in self.params:
+            return name, ()
+        return self._converted(name, shape)
+
+    def _converted(self, name: str, shape: tuple[int, ...]) -> tuple[str, tuple] | None:
+        key = self.target_of(name)
         for conv in self.converters:
             target, pattern = conv.rename_source_key(key)
             if pattern is not None:
                 break
         else:
             target, pattern, conv = key, None, None
-        p = self.params.get(target)
-        if p is None and self.prefix:
-            p = self.params.get(f"{self.prefix}.{target}")
-        if p is None:
-            raise AblationError(
-                f"the loaded model has no parameter for checkpoint tensor {name!r} (looked for "
-                f"{target!r}); the in-memory edit needs it"
-            )
+        for pname in (target, f"{self.prefix}.{target}" if self.prefix else None):
+            if pname in self.params:
+                break
+        else:
+            return None
+        p = self.params[pname]
         if conv is None:
-            return p, ()
+            return pname, ()
+        from transformers.core_model_loading import Concatenate, MergeModulelist
+
         ops = [type(op).__name__ for op in conv.operations]
         index: list = [slice(None)] * p.ndim
         for op in conv.operations:
@@ -93,12 +118,17 @@ class Layout:
             else:
                 break
         else:
-            return p, tuple(index)
+            return pname, tuple(index)
         raise AblationError(
             f"checkpoint tensor {name!r} becomes {target!r} through {', '.join(ops)} when "
             "transformers loads it: the in-memory edit supports stacked and concatenated "
             "tensors only"
         )
+
+
+def _non_persistent(model: torch.nn.Module, name: str) -> set[str]:
+    owner = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+    return owner._non_persistent_buffers_set
 
 
 def apply(model: torch.nn.Module, plan: Plan) -> list[str]:

@@ -12,7 +12,7 @@ from pathlib import Path
 import psutil
 from tqdm import tqdm
 
-from ablation import __version__, activations, analysis, directions, prompts, refuse
+from ablation import __version__, activations, analysis, directions, prompts, refuse, stream
 from ablation.errors import AblationError
 from ablation.hub import resolve_model
 from ablation.system import human_bytes, peak_rss
@@ -40,6 +40,7 @@ class MeasureOptions:
     projected: bool = True
     keep_projections: bool = True
     require_template: bool = False
+    stream_layers: bool | None = None  # None: stream when the model does not fit in memory
 
 
 @dataclass
@@ -50,6 +51,7 @@ class MeasureSummary:
     seconds: float
     peak_rss: int
     auroc: dict[int, float]
+    streamed: stream.Stats | None = None
 
     def lines(self) -> list[str]:
         n = self.n_harmful + self.n_harmless
@@ -59,6 +61,8 @@ class MeasureSummary:
             f"time       {self.seconds:.1f} s ({n / max(self.seconds, 1e-9):.1f} prompts/s)",
             f"peak RSS   {human_bytes(self.peak_rss)}",
         ]
+        if self.streamed is not None:
+            out.extend(self.streamed.lines())
         if self.auroc:
             best = max(self.auroc, key=lambda k: self.auroc[k])
             out.append(f"separation best AUROC {self.auroc[best]:.3f} at layer {best}")
@@ -83,9 +87,18 @@ def run(opts: MeasureOptions) -> tuple[refuse.Measurements, MeasureSummary]:
         opts.harmless, "harmless", "measure", opts.text_field, opts.max_prompts, opts.seed
     )
     model_dir = resolve_model(opts.model)
+    streamed = _stream_layers(opts, model_dir)
     start = time.perf_counter()
-    model, tok = activations.load_model(str(model_dir), opts.dtype, opts.device, opts.quantize)
-    text_cfg = model.config.get_text_config()
+    if streamed:
+        if opts.quantize:
+            raise AblationError(
+                "--stream-layers runs the checkpoint's own weights; drop --load-in-*"
+            )
+        tok = activations.load_tokenizer(str(model_dir))
+        streamer = stream.Streamer(model_dir, opts.dtype, opts.device)
+        model = streamer.model
+    else:
+        model, tok = activations.load_model(str(model_dir), opts.dtype, opts.device, opts.quantize)
     harmful_ids, templated = activations.encode(
         tok, harmful, opts.system, opts.response_prefix, opts.require_template
     )
@@ -93,29 +106,29 @@ def run(opts: MeasureOptions) -> tuple[refuse.Measurements, MeasureSummary]:
         tok, harmless, opts.system, opts.response_prefix, opts.require_template
     )
     pad = activations.pad_id(tok)
-    num_experts = next(
-        (
-            getattr(text_cfg, k)
-            for k in ("num_experts", "num_local_experts", "n_routed_experts")
-            if isinstance(getattr(text_cfg, k, None), int)
-        ),
-        None,
+    num_experts, top_k = activations.moe_shape(model.config)
+    kw = dict(
+        pad_id=pad,
+        batch_size=opts.batch_size,
+        position=opts.position,
+        keep_states=opts.keep_projections,
+        num_experts=num_experts,
+        top_k=top_k,
     )
-    top_k = getattr(text_cfg, "num_experts_per_tok", None)
-    with tqdm(
-        total=len(harmful) + len(harmless), unit="prompt", desc="measure", disable=None
-    ) as bar:
-        kw = dict(
-            pad_id=pad,
-            batch_size=opts.batch_size,
-            position=opts.position,
-            keep_states=opts.keep_projections,
-            num_experts=num_experts,
-            top_k=top_k,
-            progress=bar.update,
-        )
-        got_harmful = activations.collect(model, harmful_ids, **kw)
-        got_harmless = activations.collect(model, harmless_ids, **kw)
+    if streamed:
+        try:
+            with activations.oom_is_user_error(opts.batch_size):
+                got_harmful, got_harmless = stream.collect(
+                    streamer, [harmful_ids, harmless_ids], **kw
+                )
+        finally:
+            streamer.close()
+    else:
+        with tqdm(
+            total=len(harmful) + len(harmless), unit="prompt", desc="measure", disable=None
+        ) as bar:
+            got_harmful = activations.collect(model, harmful_ids, progress=bar.update, **kw)
+            got_harmless = activations.collect(model, harmless_ids, progress=bar.update, **kw)
     seconds = time.perf_counter() - start
     meas, aurocs = assemble(got_harmful, got_harmless, opts.projected)
     meas.metadata.update(
@@ -130,7 +143,10 @@ def run(opts: MeasureOptions) -> tuple[refuse.Measurements, MeasureSummary]:
             "n_harmless": str(len(harmless)),
             "harmful_source": harmful_src,
             "harmless_source": harmless_src,
-            "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+            "dtype": str(
+                streamer.dtype if streamed else next(model.parameters()).dtype
+            ).removeprefix("torch."),
+            "mode": "streamed" if streamed else "in-memory",
             "chat_template": str(templated).lower(),
             "system": opts.system or "",
             "response_prefix": opts.response_prefix or "",
@@ -141,9 +157,29 @@ def run(opts: MeasureOptions) -> tuple[refuse.Measurements, MeasureSummary]:
     refuse.save(opts.output, meas)
     rss = psutil.Process().memory_info().rss
     summary = MeasureSummary(
-        len(meas.layers), len(harmful), len(harmless), seconds, max(rss, peak_rss()), aurocs
+        len(meas.layers),
+        len(harmful),
+        len(harmless),
+        seconds,
+        max(rss, peak_rss()),
+        aurocs,
+        streamer.stats if streamed else None,
     )
     return meas, summary
+
+
+def _stream_layers(opts: MeasureOptions, model_dir: Path) -> bool:
+    """--stream-layers as given, or (unset) whether the model does not fit in memory."""
+    if opts.stream_layers is not None:
+        return opts.stream_layers
+    if stream.fits(model_dir, opts.device):
+        return False
+    LOG.warning(
+        "model %s does not fit in memory: measuring it one decoder layer at a time "
+        "(--stream-layers; --no-stream-layers to load it whole)",
+        model_dir,
+    )
+    return True
 
 
 def assemble(

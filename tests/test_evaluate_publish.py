@@ -112,6 +112,21 @@ def test_card_has_base_model_orders_and_eval(ablated):
     assert "90.0%" in card and "5.0%" in card and "0.0312" in card
 
 
+def test_card_of_a_streamed_evaluation(ablated):
+    _, out = ablated
+    record = json.loads((out / "ablation.json").read_text())
+    evaluation = {
+        "mode": "streamed",
+        "first_token": {
+            "kl": {"mean": 0.0421, "max": 0.2, "n_harmless": 64},
+            "refusal_score": {"base": 0.812, "ablated": 0.031, "n_harmful": 64, "openers": [1]},
+        },
+    }
+    card = str(hub.model_card(record, evaluation))
+    assert "first token only, models streamed layer by layer" in card
+    assert "81.2%" in card and "3.1%" in card and "0.0421" in card
+
+
 def test_publish_dry_run_lists_exactly_the_files(ablated, monkeypatch):
     monkeypatch.setattr(hub, "HfApi", lambda **k: pytest.fail("dry run must not send"))
     _, out = ablated

@@ -66,7 +66,8 @@ def test_separation_far_above_chance(gemma_refuse):
             assert abs(m.refusenorm.norm().item() - 1) < 1e-5
 
 
-def test_ablate_and_verify_real_model(gemma, gemma_refuse, tmp_path):
+def ablate(gemma: Path, gemma_refuse: Path, tmp_path: Path) -> Path:
+    """Layers 6-15 ablated with the direction measured at 14; returns the orders file."""
     orders = write_orders(
         tmp_path / "o.yaml",
         model=str(gemma),
@@ -76,6 +77,11 @@ def test_ablate_and_verify_real_model(gemma, gemma_refuse, tmp_path):
     )
     res = run_cli("ablate", orders)
     assert res.exit_code == 0, res.output + res.stderr
+    return orders
+
+
+def test_ablate_and_verify_real_model(gemma, gemma_refuse, tmp_path):
+    orders = ablate(gemma, gemma_refuse, tmp_path)
     res = run_cli("verify", tmp_path / "out", "--orders", orders)
     assert res.exit_code == 0, res.output + res.stderr
     record = json.loads((tmp_path / "out" / "ablation.json").read_text())
@@ -102,3 +108,40 @@ def test_analyze_chart_and_orders_dry_run(gemma, gemma_refuse, tmp_path):
     assert res.exit_code == 0, res.output + res.stderr
     assert "dry run: nothing written" in res.output
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("position", ["last-prompt", "first-generated"])
+def test_streamed_measure_equals_in_memory(gemma, position):
+    """The layer-streamed run of the real model (sliding and global attention layers, their
+    own rotary bases, scaled embeddings) gives the in-memory states: float32, both sets in one
+    stream, within 1e-5 of the largest state (float32 rounding, measured ~1e-6)."""
+    from ablation import stream
+
+    model, tok = activations.load_model(str(gemma), "float32", "cpu")
+    sets = [
+        activations.encode(tok, prompts.builtin(kind)[:12])[0] for kind in ("harmful", "harmless")
+    ]
+    pad = tok.pad_token_id
+    want = [activations.collect(model, s, pad, 8, position) for s in sets]
+    del model
+    streamer = stream.Streamer(gemma, "float32", "cpu")
+    try:
+        got = stream.collect(streamer, sets, pad, 8, position)
+    finally:
+        streamer.close()
+    for g, w in zip(got, want, strict=True):
+        err = (g.states - w.states).abs().max().item()
+        assert err <= 1e-5 * w.states.abs().max().item(), err
+
+
+def test_streamed_first_token_scores_equal_in_memory(gemma, gemma_refuse, tmp_path):
+    """evaluate --stream-layers on the real model and an ablated copy: first-token KL and
+    refusal-opener probabilities as the in-memory models give them (float32, within 1e-4
+    relative; measured ~1e-6)."""
+    from test_stream import check_streamed_evaluate
+
+    ablate(gemma, gemma_refuse, tmp_path)
+    tok = activations.load_tokenizer(str(gemma))
+    harmful, harmless = (prompts.builtin(k, "eval")[:16] for k in ("harmful", "harmless"))
+    got = check_streamed_evaluate(gemma, tmp_path / "out", tok, harmful, harmless, tmp_path, 1e-4)
+    assert got["kl"]["mean"] > 0  # the edit is seen
