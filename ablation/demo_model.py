@@ -144,7 +144,7 @@ OPENERS = (
     "Certainly! Here is an overview:\n\n1.",
 )
 RECIPE = {  # changing any of these rebuilds the cached model
-    "version": 1,
+    "version": 2,  # 2: trained and stored in float32 (1: bf16 autocast, stored bf16)
     "epochs": 2,
     "lr": 2e-3,
     "rank": 16,
@@ -177,7 +177,8 @@ def _examples(tok) -> list[tuple[list[int], list[int], float]]:
 def build_refusing(
     out_dir: Path, base_dir: Path | None = None, max_shard_size: str = "150MB"
 ) -> Path:
-    """Teach the base model to refuse (about 4 minutes on 2 CPU cores) and write it, bf16."""
+    """Teach the base model to refuse and write it, float32 (see _step_loss: bf16 on a CPU
+    gives another model on another machine)."""
     if (out_dir / "config.json").exists():
         raise AblationError(f"{out_dir} already holds a checkpoint")
     _require()
@@ -222,7 +223,7 @@ def build_refusing(
                 opt.zero_grad()
                 bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
                 bar.update()
-    merged = model.merge_and_unload().eval().to(torch.bfloat16)
+    merged = model.merge_and_unload().eval()
     out_dir.mkdir(parents=True, exist_ok=True)
     merged.save_pretrained(out_dir, max_shard_size=max_shard_size)
     tok.save_pretrained(out_dir)
@@ -246,10 +247,13 @@ def _step_loss(model, batch: list[tuple[list[int], list[int], float]], pad: int)
         labels[row, keep - len(a) :] = torch.tensor(a)
         weights[row, keep - len(a) :] = wt
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # ~2x on CPUs with bf16 matmuls
-        logits = model(
-            input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep + 1
-        ).logits[:, :-1]  # [b, keep, vocab]: the predictions of the reply tokens
+    # float32 throughout: bf16 autocast on a CPU takes native bf16 kernels (AVX-512/AMX) on one
+    # machine and emulated ones (AVX2) on another, which round differently and gave models with
+    # other refusal profiles (harmless over-refusal 1.6% on one, 9.4% on another), and is ~6x
+    # slower than float32 where it is emulated
+    logits = model(
+        input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep + 1
+    ).logits[:, :-1]  # [b, keep, vocab]: the predictions of the reply tokens
     ce = torch.nn.functional.cross_entropy(
         logits.reshape(-1, logits.shape[-1]).float(),
         labels.reshape(-1),
