@@ -328,7 +328,7 @@ def measure(**kwargs: Any) -> None:
     "--refusing",
     is_flag=True,
     help="The refusing chat model: gemma-3-270m taught (LoRA, merged) to refuse the built-in "
-    "harmful measure prompts; bf16, about 4 minutes on 2 CPU cores, cached.",
+    "harmful measure prompts; float32, 10-30 minutes on 2 CPU cores, cached.",
 )
 @_verbosity
 def demo_model_cmd(out_dir: Path, dtype: str, max_shard_size: str, refusing: bool) -> None:

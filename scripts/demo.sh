@@ -22,7 +22,7 @@ step() { printf '\n== %s\n' "$*"; }
 
 step "1/7 the refusing model: gemma-3-270m taught to refuse the built-in harmful measure prompts"
 echo "(LoRA merged into the weights, trained on the measure split only; the held-out split below"
-echo " is never trained on. First run: about 5 minutes on 2 cores, then cached.)"
+echo " is never trained on. First run: 10-30 minutes on 2 cores, then cached.)"
 [ -f "$MODEL/config.json" ] || ablation demo-model --refusing "$MODEL" -q
 
 step "2/7 measure: built-in harmful and harmless prompts -> $OUT/gemma.refuse"

@@ -1,8 +1,8 @@
 """Efficacy on a model that refuses: the refusing demo model (gemma-3-270m taught to refuse the
 built-in harmful *measure* prompts) refuses the held-out harmful prompts and answers the
 held-out harmless ones; the default pipeline with no hand edits (measure -> analyze
---emit-orders -> ablate) removes its refusals without damage. Building the model takes about
-5 minutes on 2 CPU cores the first time (then it is cached)."""
+--emit-orders -> ablate) removes its refusals without damage. Building the model takes 10-30
+minutes on 2 CPU cores the first time (then it is cached)."""
 
 from __future__ import annotations
 
