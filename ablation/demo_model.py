@@ -249,8 +249,7 @@ def _step_loss(model, batch: list[tuple[list[int], list[int], float]], pad: int)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     # float32 throughout: bf16 autocast on a CPU takes native bf16 kernels (AVX-512/AMX) on one
     # machine and emulated ones (AVX2) on another, which round differently and gave models with
-    # other refusal profiles (harmless over-refusal 1.6% on one, 9.4% on another), and is ~6x
-    # slower than float32 where it is emulated
+    # other refusal profiles (harmless over-refusal 1.6% on one, 9.4% on another)
     logits = model(
         input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep + 1
     ).logits[:, :-1]  # [b, keep, vocab]: the predictions of the reply tokens
