@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -110,15 +111,25 @@ def build(
 def cached(dtype: torch.dtype = torch.bfloat16) -> Path:
     """The checkpoint in the user cache, built on first use (about a minute)."""
     name = {torch.bfloat16: "bf16", torch.float32: "f32", torch.float16: "f16"}[dtype]
-    path = default_cache() / f"gemma-3-270m-{name}"
-    if not (path / "config.json").exists():
-        tmp = path.with_name(path.name + ".partial")
-        if tmp.exists():
-            import shutil
+    return _built_once(default_cache() / f"gemma-3-270m-{name}", lambda tmp: build(tmp, dtype))
 
-            shutil.rmtree(tmp)
-        build(tmp, dtype)
-        tmp.rename(path)
+
+def _built_once(path: Path, make: Callable[[Path], object]) -> Path:
+    """`path`, made by make(tmp) and renamed into place if it is not there yet. Builders of
+    one path take turns (an flock beside it): a second process waits for the first one's
+    model instead of building into the same temporary folder."""
+    import fcntl
+    import shutil
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path.with_name(path.name + ".lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not (path / "config.json").exists():
+            tmp = path.with_name(path.name + ".partial")
+            if tmp.exists():
+                shutil.rmtree(tmp)
+            make(tmp)
+            tmp.rename(path)
     return path
 
 
@@ -266,19 +277,11 @@ def cached_refusing() -> Path:
     """The refusing demo model in the user cache, built on first use."""
     import hashlib
     import json
-    import shutil
 
     key = hashlib.sha256(
         json.dumps([RECIPE, REFUSALS, OPENERS], sort_keys=True).encode()
     ).hexdigest()[:12]
-    path = default_cache() / f"gemma-3-270m-refusing-{key}"
-    if not (path / "config.json").exists():
-        tmp = path.with_name(path.name + ".partial")
-        if tmp.exists():
-            shutil.rmtree(tmp)
-        _build_in_fresh_process(tmp)
-        tmp.rename(path)
-    return path
+    return _built_once(default_cache() / f"gemma-3-270m-refusing-{key}", _build_in_fresh_process)
 
 
 def _build_in_fresh_process(out_dir: Path) -> None:

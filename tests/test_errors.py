@@ -275,3 +275,32 @@ def test_not_enough_disk(tmp_path, setup, job, monkeypatch):
 
     monkeypatch.setattr(sh, "disk_usage", lambda _p: sh._ntuple_diskusage(1, 1, 1))
     expect_error(tmp_path, job(setup(), ablate=L2), "only 1 byte free")
+
+
+def test_cached_models_are_built_once_by_concurrent_callers(tmp_path):
+    """Two processes asking for the same cached model: one builds, the other waits for it
+    (before, both built into one temporary folder and the second rename failed)."""
+    import threading
+    import time
+
+    from ablation import demo_model
+
+    built: list[str] = []
+
+    def make(tmp):
+        built.append(threading.current_thread().name)
+        time.sleep(0.3)
+        tmp.mkdir()
+        (tmp / "config.json").write_text("{}")
+
+    target = tmp_path / "model"
+    threads = [
+        threading.Thread(target=demo_model._built_once, args=(target, make), name=f"t{i}")
+        for i in range(3)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(built) == 1 and (target / "config.json").exists()
+    assert not target.with_name("model.partial").exists()
