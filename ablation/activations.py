@@ -422,35 +422,38 @@ def answer_logprobs(
     batch_size: int,
     bins: list[torch.Tensor] | None = None,
     progress: Callable[[int], None] | None = None,
-) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
     """Teacher-forced next-token log-probabilities along given answers (prompt + answer fed
     at once), compressed per position to bins: the base model's TOP_BINS most likely tokens
     and one bin for the rest of the vocabulary. Without `bins` the top tokens are chosen here
     (the base model's run); with them (the indices from that run) the same bins are read.
-    Returns (logprobs [len, bins + 1], indices [len, bins]) per answer, in input order; an
-    empty answer gives empty tensors."""
+    The same pass gives the first answer token's full distribution (the prediction after the
+    prompt's last token, what `next_token_logits` computes), so no second pass is needed.
+    Returns (first-token log-probabilities [n, vocab], then per answer: logprobs
+    [len, bins + 1], indices [len, bins]), in input order; an empty answer gives empty
+    tensors."""
     device = model.get_input_embeddings().weight.device
+    out_first: torch.Tensor | None = None
     out_lp: list[torch.Tensor] = [torch.zeros(0, TOP_BINS + 1) for _ in seqs]
     out_ix: list[torch.Tensor] = [torch.zeros(0, TOP_BINS, dtype=torch.long) for _ in seqs]
     full = [s + a for s, a in zip(seqs, answers, strict=True)]
     with torch.inference_mode():
         for chunk in batches(full, batch_size):
             keep = max(len(answers[i]) for i in chunk)
-            if keep == 0:
-                if progress:
-                    progress(len(chunk))
-                continue
             ids, mask = pad([full[i] for i in chunk], pad_id, device)
             positions = positions_of(mask)
             logits = model(
                 input_ids=ids, attention_mask=mask, position_ids=positions, logits_to_keep=keep + 1
-            ).logits[:, :-1]  # [b, keep, vocab]: the predictions of the last `keep` tokens
+            ).logits  # [b, keep + 1, vocab]: the predictions after the last keep + 1 tokens
             logp = torch.log_softmax(logits.float(), dim=-1).cpu()
+            if out_first is None:
+                out_first = torch.zeros((len(seqs), logp.shape[-1]), dtype=torch.float32)
             for row, i in enumerate(chunk):
                 n = len(answers[i])
+                out_first[i] = logp[row, keep - n]  # after the prompt's last token
                 if n == 0:
                     continue
-                lp = logp[row, keep - n :]  # [n, vocab]
+                lp = logp[row, keep - n : keep]  # [n, vocab]
                 ix = (
                     lp.topk(min(TOP_BINS, lp.shape[-1]), dim=-1).indices
                     if bins is None
@@ -462,4 +465,5 @@ def answer_logprobs(
                 out_ix[i] = ix
             if progress:
                 progress(len(chunk))
-    return out_lp, out_ix
+    assert out_first is not None
+    return out_first, out_lp, out_ix

@@ -98,16 +98,23 @@ def reader_projection(r: torch.Tensor, gamma: torch.Tensor, offset: float) -> to
     would also remove whatever other directions share that axis after the gain, which with
     Gemma's gains (up to a few hundred) changes the model more than the ablation does.
     Rows then update as w' = w - s (w . read) write, with the pair scaled so that this is
-    exactly W - s (W u) v^T; where g is 0 the reader never sees x, and v is 0 there."""
+    exactly W - s (W u) M v^T. Where g is 0 the reader never sees x, so v is 0 there and r . x
+    can only be estimated from the dims it sees: v u^T = I - (r's mass on those dims), and
+    M = (v u^T)^-1 restores v'.u = 1, so the edited reader is blind to every move along r
+    (W' u = 0 exactly; gemma-3-270m has such a gain of exactly 0 in several layers)."""
     g = gamma.double() + offset  # [hidden]
     q = r.double().unsqueeze(0) if r.ndim == 1 else r.double()  # [k, hidden], orthonormal
     u = q * g  # [k, hidden]
     v = torch.where(g.abs() > EPS, q / torch.where(g == 0, 1.0, g), 0.0)  # [k, hidden]
-    # u = R^T Q_u with Q_u orthonormal rows: W u^T = (W Q_u^T) R, so the write basis is R v
+    # u = R^T Q_u with Q_u orthonormal rows: W u^T = (W Q_u^T) R, so the write basis is R M v
     qu, rr = torch.linalg.qr(u.T)  # [hidden, k], [k, k]
     if (rr.diagonal().abs() <= EPS * max(1.0, u.norm().item())).any():
         raise AblationError("the norm gain removes the direction entirely (all-zero gain)")
-    return torch.stack([qu.T, rr @ v])  # [2, k, hidden]
+    seen = v @ u.T  # [k, hidden] @ [hidden, k] -> [k, k]: I when no gain is 0
+    if torch.linalg.svdvals(seen).min() < 1e-6:
+        raise AblationError("the norm gain hides the direction from the reader (zero gains)")
+    m = torch.linalg.inv(seen)  # [k, k]
+    return torch.stack([qu.T, rr @ m @ v])  # [2, k, hidden]: [k, k] @ [k, k] @ [k, hidden]
 
 
 def orthonormal(vectors: torch.Tensor, what: str = "basis") -> torch.Tensor:

@@ -82,7 +82,7 @@ class Side:
 
     harmful_answers: list[list[int]]  # greedy continuations (token ids)
     harmless_answers: list[list[int]]
-    first_logits: torch.Tensor  # [n_harmless, vocab]: the first generated token
+    first_logits: torch.Tensor  # [n_harmless, vocab]: log-probabilities of the first answer token
     answer_logprobs: list[torch.Tensor]  # along the base's harmless answers, binned
     answer_bins: list[torch.Tensor]  # the base's top tokens per position (base side only)
     separation: dict[str, dict[str, float]]
@@ -108,7 +108,7 @@ def score_model(
     if base is None and not harmless_generations:
         raise ValueError("the base side needs its harmless generations")
     pad = activations.pad_id(tok)
-    n = (3 if harmless_generations else 2) * len(harmless_ids) + len(harmful_ids)
+    n = (2 if harmless_generations else 1) * len(harmless_ids) + len(harmful_ids)
     n += (len(harmful_ids) + len(harmless_ids)) if probes else 0
     with tqdm(total=n, unit="prompt", desc=label, disable=None) as bar:
         harmful_new = activations.generate(
@@ -119,10 +119,9 @@ def score_model(
             if harmless_generations
             else []
         )
-        logits = activations.next_token_logits(model, harmless_ids, pad, batch_size, bar.update)
         answers = base.harmless_answers if base is not None else harmless_new
         forced = [_through_stop(a, tok) for a in answers]  # what follows the end is padding
-        lp, bins = activations.answer_logprobs(
+        logits, lp, bins = activations.answer_logprobs(
             model,
             harmless_ids,
             forced,

@@ -216,11 +216,14 @@ def orders_body(values: dict[str, Any], num_layers: int) -> dict[str, Any]:
     }
 
 
-def default_values(bound: Bound, measurement: int) -> dict[str, Any] | None:
-    """What analyze's suggestion is in this space's terms (readers from the measurement layer
-    to the last, scale 1, no writers), as the searched parameters to enqueue first; None when
-    the space cannot express it."""
-    want = {
+def seed_values(bound: Bound, measurement: int) -> list[tuple[str, dict[str, Any]]]:
+    """The first trials, as the searched parameters to enqueue: analyze's suggestion (readers
+    from the measurement layer to the last, scale 1, no writers), then two neighbours that edit
+    less of the model. The suggestion starts at the earliest layer with the full signal, the
+    most editing end of the choices that work, so what a short search most often misses is the
+    same edit starting one layer later or at 0.75 of the strength: the sampler's first trials
+    are random and rarely land there. A seed the space cannot express is left out."""
+    suggestion = {
         "measurement": measurement,
         "start": 0,
         "end": 0,
@@ -230,6 +233,24 @@ def default_values(bound: Bound, measurement: int) -> dict[str, Any] | None:
         "per_layer": False,
         "shape": "window",
     }
+    seeds = [
+        ("analyze's suggestion", suggestion),
+        ("analyze's suggestion from one layer later", {**suggestion, "start": 1}),
+        (
+            "analyze's suggestion at 0.75",
+            {**suggestion, "attn_readers": 0.75, "mlp_readers": 0.75},
+        ),
+    ]
+    out = []
+    for label, want in seeds:
+        values = _expressed(bound, want)
+        if values is not None and all(values != v for _, v in out):
+            out.append((label, values))
+    return out
+
+
+def _expressed(bound: Bound, want: dict[str, Any]) -> dict[str, Any] | None:
+    """`want` restricted to the searched parameters; None when one is outside its range."""
     out = {}
     for name in searched(bound):
         if name not in want:

@@ -332,14 +332,12 @@ class Streamer:
         self,
         batches: list[Batch],
         visit: Callable[[int, int, torch.Tensor], None] | None = None,
-        layers: int | None = None,
         progress: tqdm | None = None,
         before_batch: Callable[[int], None] | None = None,
     ) -> list[torch.Tensor]:
-        """One pass: the first `layers` decoder layers (default all) over every batch.
-        visit(layer, batch, h) sees each batch's state entering each layer; returns the states
-        after the last layer run, per batch."""
-        n = self.num_layers if layers is None else layers
+        """One pass: every decoder layer over every batch. visit(layer, batch, h) sees each
+        batch's state entering each layer; returns the states after the last layer, per batch."""
+        n = self.num_layers
         self.stats.passes += 1
         states, calls = [], []
         with torch.inference_mode():
@@ -388,9 +386,6 @@ class Streamer:
                 if progress is not None:
                     progress.update(1)
                     progress.set_postfix_str(f"read {human_bytes(self.stats.bytes_read)}")
-            if n < self.num_layers and visit is not None:
-                for i in range(len(batches)):
-                    visit(n, i, states[i])
         return states
 
     def head(self, batches: list[Batch], states: list[torch.Tensor]) -> list[torch.Tensor]:
@@ -471,7 +466,7 @@ def collect(
         routers.mask = mask.reshape(-1)
 
     try:
-        with _bar(streamer, streamer.num_layers, "measure") as bar:
+        with tqdm(total=streamer.num_layers, unit="layer", desc="measure", disable=None) as bar:
             # the last layer's output is not measured, but its routes are counted
             streamer.run(batches, visit, progress=bar, before_batch=before_batch)
     finally:
@@ -489,7 +484,7 @@ def last_logits(
     """The raw next-token logits after each prompt of each set, [n, vocab] per set in input
     order (float32, on the CPU): activations.next_token_logits in one stream of the weights."""
     batches = _all_batches(streamer, sets, pad_id, batch_size)
-    with _bar(streamer, streamer.num_layers, desc) as bar:
+    with tqdm(total=streamer.num_layers, unit="layer", desc=desc, disable=None) as bar:
         states = streamer.run(batches, progress=bar)
     logits = streamer.head(batches, states)
     vocab = logits[0].shape[-1]
@@ -509,12 +504,6 @@ def _all_batches(
             raise AblationError("no prompts to run")
         out.extend(make_batches(seqs, pad_id, batch_size, streamer.device, k))
     return out
-
-
-@contextmanager
-def _bar(streamer: Streamer, total: int, desc: str) -> Iterator[tqdm]:
-    with tqdm(total=total, unit="layer", desc=desc, disable=None) as bar:
-        yield bar
 
 
 def fits(model_dir: Path, device: str | None) -> bool:

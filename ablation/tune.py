@@ -344,11 +344,8 @@ def run(opts: TuneOptions) -> Result:
     study, url = open_study(opts, identity, _sampler(bound, opts.seed, salt))
     LOG.info("study %r in %s: %d trials so far", opts.study_name, url, len(study.trials))
     if not study.trials:
-        start = space.default_values(bound, suggestion.measurement)
-        if start is not None:
-            study.enqueue_trial(
-                start, user_attrs={"enqueued": "analyze's suggestion"}, skip_if_exists=True
-            )
+        for label, values in space.seed_values(bound, suggestion.measurement):
+            study.enqueue_trial(values, user_attrs={"enqueued": label}, skip_if_exists=True)
     _requeue_interrupted(study)
 
     scorer = Scorer(opts, model_dir, sources, (harmful, harmless))

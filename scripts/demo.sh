@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The whole pipeline on a real small model that refuses, on the CPU, from a fresh clone:
-# gemma-3-270m (from the PyPI GGUF package) taught to refuse (built once, ~5 min, cached)
+# gemma-3-270m (from the PyPI GGUF package) taught to refuse (built once, 10-30 min, cached)
 # -> measure -> analyze -> ablate -> verify -> evaluate -> tune -> ablate -> evaluate
 # -> publish --dry-run.
 # Usage: scripts/demo.sh [OUT_DIR]   (default: demo-out)
@@ -56,9 +56,10 @@ for prompt, sides in list(harm.items())[:4]:
 PY
 
 step "7/7 tune: search the orders on the loaded model (tuning split), then stream them out"
-echo "(the held-out prompts above are never used by the search; 30 trials, about 3 minutes)"
+echo "(the held-out prompts above are never used by the search; 30 trials or 4 minutes of"
+echo " trials, whichever comes first, ~40 s a trial on 2 cores; analyze's orders are tried first)"
 ablation tune --model "$MODEL" --measurements "$OUT/gemma.refuse" -o "$OUT/tune" \
-  --trials 30 --batch-size 32 --target "$OUT/gemma-3-270m-tuned" --no-held-out -q
+  --trials 30 --timeout 240 --batch-size 32 --target "$OUT/gemma-3-270m-tuned" --no-held-out -q
 python sharded_ablate.py "$OUT/tune/orders.yaml" --overwrite --base-model google/gemma-3-270m -q
 ablation evaluate --base "$MODEL" --ablated "$OUT/gemma-3-270m-tuned" \
   --max-new-tokens 24 --batch-size 32 -q

@@ -10,7 +10,7 @@ import pytest
 import torch
 from conftest import ALL_COMPONENTS, HARMFUL_TEXT, HARMLESS_TEXT, run_cli
 
-from ablation import analysis, evaluate, hub, refusals
+from ablation import activations, analysis, evaluate, hub, refusals
 
 
 @pytest.mark.parametrize(
@@ -300,3 +300,19 @@ def test_first_token_kl_is_also_reported_over_the_prompts_the_base_answers():
     assert kl["mean"] == pytest.approx(per_prompt.mean().item())
     assert kl["mean_base_answered"] == pytest.approx(per_prompt[1:].mean().item())
     assert kl["mean_base_answered"] < kl["mean"] / 5
+
+
+def test_the_answer_pass_gives_the_first_token_distribution(chat_checkpoint):
+    """score_model takes the first-token distribution from the teacher-forced answer pass (no
+    second pass): it must be the prompt's next-token distribution, whatever the answer's
+    length (empty included) and however the batch is padded."""
+    model, tok = activations.load_model(str(chat_checkpoint("llama")), "float32", "cpu")
+    seqs, _ = activations.encode(tok, HARMLESS_TEXT, None, None)
+    g = torch.Generator().manual_seed(0)
+    answers = [torch.randint(5, 40, (n,), generator=g).tolist() for n in (3, 0, 7, 1, 5, 2, 4)]
+    pad = activations.pad_id(tok)
+    want = torch.log_softmax(activations.next_token_logits(model, seqs, pad, 2), dim=-1)
+    for batch in (1, 3, len(seqs)):
+        first, lp, ix = activations.answer_logprobs(model, seqs, answers, pad, batch)
+        assert (first - want).abs().max() < 1e-4
+        assert [len(x) for x in lp] == [len(a) for a in answers] == [len(x) for x in ix]

@@ -10,7 +10,8 @@ import pytest
 import torch
 from conftest import HIDDEN, make_measurements, num_layers_of, run_cli
 
-from ablation import directions, edits, live, orders, refuse, rewrite
+from ablation import directions, edits, live, orders, refuse, rewrite, verify
+from ablation.errors import AblationError
 
 transformers = pytest.importorskip("transformers")
 
@@ -369,3 +370,30 @@ def test_in_memory_edit_of_experts_fused_on_load(checkpoint, tmp_path, family):
     live.restore(model, plan.index, touched)
     for k, v in model.state_dict().items():
         assert torch.equal(v, fresh[k]), k
+
+
+@pytest.mark.parametrize("k", [1, 3])
+def test_reader_edit_is_blind_to_r_where_a_gain_is_zero(k):
+    """gemma-3-270m has norm gains of exactly 0 (gamma = -1): the reader never sees those dims,
+    so r . x is estimated from the others, and unscaled that left r's mass on the hidden dims
+    (0.3% in its layer 10) of every move along r: verify's float32 bar (1e-4) failed. The pair
+    is rescaled so that W' u = 0 exactly, in float64 and as stored in float32."""
+    g = torch.Generator().manual_seed(5)
+    hidden = 64
+    q = _basis(k, hidden)
+    gamma = torch.rand(hidden, generator=g, dtype=torch.float64) * 30
+    gamma[[3, 17, 40]] = -1.0  # g = 1 + gamma = 0 there
+    pair = directions.reader_projection(q, gamma, 1.0)
+    u = q * (1.0 + gamma)  # [k, hidden]: a move along r_i as the reader sees it
+    w = torch.randn(32, hidden, generator=g, dtype=torch.float64)  # a reader [out, hidden]
+    out = edits.project_out(w, pair, 1, edits.EditSpec(1.0, False, torch.float64))
+    assert (out @ u.T).abs().max() < 1e-12 * w.abs().max() * u.norm()  # [32, k]
+    again = edits.project_out(out, pair, 1, edits.EditSpec(1.0, False, torch.float64))
+    torch.testing.assert_close(again, out, rtol=0, atol=1e-12)  # a projection: idempotent
+    stored = edits.project_out(w.float(), pair, 1, edits.EditSpec(1.0, False))
+    _, rel = edits.projection_residue(stored, pair, 1)
+    assert rel < verify.tolerance(torch.float32)
+    with pytest.raises(AblationError, match="hides the direction"):
+        mostly_hidden = torch.zeros(1, hidden, dtype=torch.float64)
+        mostly_hidden[0, 3], mostly_hidden[0, 5] = (1 - 1e-8) ** 0.5, 1e-4  # 1e-8 visible
+        directions.reader_projection(mostly_hidden, gamma, 1.0)

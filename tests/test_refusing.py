@@ -80,21 +80,20 @@ def test_default_pipeline_removes_refusals_without_damage(
 
 
 def test_tune_finds_orders_that_remove_refusals(refusing, measured, tmp_path, monkeypatch):
-    """ablation tune, 30 trials on the tuning split, then the rewriter streams its orders and
-    evaluate scores them on the held-out split, which the search never saw. 30, not 60: the
-    float32 model makes a trial ~80 s on a 2-core AVX2 machine, and 60 would take most of
-    CI's time (the first trial is analyze's orders; the sampler is seeded, so these are the
-    first 30 trials of a 60-trial study). The first-token KL bar is 0.4, not 0.2: a bf16 build
-    refused 3 of the 64 held-out harmless prompts and an ablated model that answers them paid
-    ~0.2 of first-token KL for it (see README); the float32 build refuses none."""
+    """ablation tune on the tuning split, then the rewriter streams its orders and evaluate
+    scores them on the held-out split, which the search never saw, against the issue's bars:
+    refusals <= 3% at first-token KL <= 0.2 and answer KL <= 0.2, no rise in degeneration.
+    20 trials (analyze's orders and two neighbours first, the sampler seeded): about 40 s a
+    trial on a 2-core AVX2 machine with the float32 model, and the README's 20-minute run is
+    `--trials 60 --timeout 900` (24 trials there)."""
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     out = tmp_path / "out"
     res = run_cli(
         "tune", "--model", refusing, "--measurements", measured, "-o", tmp_path / "tune",
-        "--trials", "30", "--target", out, "--no-held-out", "-q",
+        "--trials", "20", "--target", out, "--no-held-out", "-q",
     )  # fmt: skip
     assert res.exit_code == 0, res.output + res.stderr
     result, output = _ablate_and_evaluate(refusing, tmp_path / "tune" / "orders.yaml", out)
     assert result["ablated"]["refusal_rate"] <= 0.03, output
-    assert result["kl"]["mean"] <= 0.4, output
+    assert result["kl"]["mean"] <= 0.2, output
     _no_damage(result, output)

@@ -108,8 +108,7 @@ def test_suggest_asks_only_what_the_shape_uses():
     values = space.suggest(trial, bound)
     assert "end" not in values and values["kernel_width"] == 3 and values["directions"] == 1
     assert bound.space.measurement == [2, 15]  # default: past the first tenth, before the last
-    start = space.default_values(bound, 10)
-    assert start == {
+    suggestion = {
         "shape": "window",
         "measurement": 10,
         "start": 0,
@@ -119,6 +118,18 @@ def test_suggest_asks_only_what_the_shape_uses():
         "writers": 0.0,
         "per_layer": False,
     }
+    seeds = space.seed_values(bound, 10)
+    assert [v for _, v in seeds] == [
+        suggestion,
+        {**suggestion, "start": 1},
+        {**suggestion, "attn_readers": 0.75, "mlp_readers": 0.75},
+    ]
+    assert seeds[0][0] == "analyze's suggestion"
+    # a seed outside the space is left out; one that a fixed parameter makes equal to another too
+    narrow = space.bind(space.Space(start=[-2, 0]), 18)
+    assert [v["start"] for _, v in space.seed_values(narrow, 10)] == [0, 0]
+    fixed = space.bind(space.Space(start=0, attn_readers=1.0, mlp_readers=1.0), 18)
+    assert [label for label, _ in space.seed_values(fixed, 10)] == ["analyze's suggestion"]
 
 
 # --- the command on a tiny chat model ------------------------------------------------------
