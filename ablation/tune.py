@@ -418,6 +418,9 @@ def _fail_orphans(study, running: list, age: float) -> int:
     for t in orphans:
         LOG.warning("trial %d: its worker died before starting it; failed", t.number)
         study.tell(t.number, state=optuna.trial.TrialState.FAIL)
+        params = t.params or t.system_attrs.get("fixed_params")  # an enqueued trial's
+        if params:  # run again, as a killed trial's heartbeat would have it
+            study.enqueue_trial(params, user_attrs={"retry_of": t.number})
     return len(orphans)
 
 

@@ -267,13 +267,14 @@ def test_kill_and_resume_continue_one_study(setup, tmp_path):
     running_before = [t for t in before if t.state == optuna.trial.TrialState.RUNNING]
     for t in running_before:  # the killed trial was failed and its parameters run again
         assert study.trials[t.number].state == optuna.trial.TrialState.FAIL
-        retried = [
+        retried = [  # by its stale heartbeat, or as an orphan killed before its first one
             u
             for u in study.get_trials(deepcopy=False)
-            if u.system_attrs.get("failed_trial") == t.number
+            if t.number in (u.system_attrs.get("failed_trial"), u.user_attrs.get("retry_of"))
         ]
-        assert retried  # (params the killed trial had chosen are kept; it may have had none)
-        assert all(retried[0].params[k] == v for k, v in t.params.items())
+        chosen = t.params or t.system_attrs.get("fixed_params")  # none: nothing to run again
+        assert retried or not chosen
+        assert all(retried[0].params[k] == v for k, v in (chosen or {}).items())
 
 
 def test_a_trial_orphaned_before_its_first_heartbeat_is_failed(tmp_path):
@@ -296,6 +297,15 @@ def test_a_trial_orphaned_before_its_first_heartbeat_is_failed(tmp_path):
         orphan.number: optuna.trial.TrialState.FAIL,
         alive.number: optuna.trial.TrialState.RUNNING,
     }
+    # an orphan that had its parameters (an enqueued trial: analyze's seeds) runs again
+    study.enqueue_trial({"x": 0.5})
+    seeded = study.ask()  # takes the enqueued parameters, then dies before a heartbeat
+    running = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))
+    assert tune._fail_orphans(study, running, age=0.0) == 1
+    waiting = study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))
+    assert [(w.system_attrs["fixed_params"], w.user_attrs["retry_of"]) for w in waiting] == [
+        ({"x": 0.5}, seeded.number)
+    ]
 
 
 def test_two_workers_finish_one_study(setup, tmp_path):
