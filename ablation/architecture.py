@@ -16,8 +16,9 @@ from dataclasses import dataclass
 from functools import cache
 from importlib import resources
 from string import Template
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import BaseModel, ConfigDict, ValidationError, model_validator
 
 from ablation import quant
 from ablation.checkpoint import ShardIndex, TensorInfo
@@ -78,15 +79,52 @@ QUANT_MARKERS: dict[str, str] = {
 }
 
 
+# How a norm's gain meets the stream: y = w * x / rms(x) ("w"), (1 + w) * x / rms(x) ("1+w",
+# Gemma, Qwen3-Next/3.5), w * (x - mean(x)) / std(x) (+ bias) ("layernorm", Cohere, Phi-MoE)
+NormForm = Literal["w", "1+w", "layernorm"]
+NORM_FORMS: dict[str, tuple[float, bool]] = {  # form -> (offset added to w, mean removed)
+    "w": (0.0, False),
+    "1+w": (1.0, False),
+    "layernorm": (0.0, True),
+}
+
+
+class _NormRef(BaseModel):
+    """A norm named with its own form (a chain that mixes forms: Mistral Large 4's indexer
+    reads a LayerNorm of the RMSNorm's output)."""
+
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    form: NormForm
+
+
 class _Row(BaseModel):
     model_config = ConfigDict(extra="forbid")
     name: str
     role: str
-    hidden_axis: int
-    norm: str | None = None  # the RMSNorm between this tensor and the residual stream
+    # the axis whose length is the hidden size; a list where a layout may come either way
+    # round (Qwen3-VL-MoE's fused experts: transposed as released, not as transformers saves
+    # them): the first axis of that size wins, as transformers transposes only when the
+    # shape says so
+    hidden_axis: int | list[int]
+    # the norm(s) between this tensor and the residual stream, from the stream outwards: a
+    # reader's input norms (or null: it reads the stream itself), a writer's output norms
+    # innermost first (Gemma's sandwich, OLMo 2's post-norms); a name starting with "?" is a
+    # norm some layers lack
+    norm: str | list[str | _NormRef] | None = None
+    norm_form: NormForm | None = None  # this row's norms, when not the family's form
     # the axis the tensor contracts with its input: the last (nn.Linear's [out, in]) unless
     # the model applies it as x @ W; quantized formats store the input axis last
     input_axis: int | None = None
+    unless: str | None = None  # a tensor whose presence in the layer means this row does not apply
+
+    def norms(self, family_form: NormForm) -> list[tuple[str, NormForm]]:
+        """(name, form) of each norm, in the order the row lists them."""
+        items = (
+            [] if self.norm is None else [self.norm] if isinstance(self.norm, str) else self.norm
+        )
+        form = self.norm_form or family_form
+        return [(n, form) if isinstance(n, str) else (n.name, n.form) for n in items]
 
 
 class Family(BaseModel):
@@ -100,7 +138,22 @@ class Family(BaseModel):
     tensors: list[_Row]
     globals: list[_Row] = []
     num_experts: list[str] = []
-    norm_offset: float = 0.0
+    norm_form: NormForm = "w"
+    # when set, every norm weight a layer holds ([hidden], "norm" in its name) must be one of
+    # these: a norm the table does not place means the edit cannot be known to be exact
+    known_norms: list[str] | None = None
+    # why readers cannot be edited with this table (the generic one: norm gains unknown)
+    no_readers: str = ""
+
+    @model_validator(mode="after")
+    def _readers_say_their_norm(self) -> Family:
+        for row in self.tensors:
+            reader = ROLES.get(row.role, ("", False))[0] in (*READERS, "router")
+            if reader and "norm" not in row.model_fields_set:
+                raise ValueError(
+                    f"reader {row.name!r} must say its norm (a tensor, or null for none)"
+                )
+        return self
 
 
 @cache
@@ -108,7 +161,7 @@ def families() -> dict[str, Family]:
     """Every family file shipped in the package, validated once."""
     out: dict[str, Family] = {}
     for entry in sorted(resources.files("ablation").joinpath("architectures").iterdir()):
-        if not entry.name.endswith(".json"):
+        if not entry.name.endswith(".json") or entry.name == REFUSED:
             continue
         try:
             fam = Family.model_validate(json.loads(entry.read_text()))
@@ -121,6 +174,49 @@ def families() -> dict[str, Family]:
     return out
 
 
+REFUSED = "refused.json"
+
+
+class _Refusal(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    model_types: list[str]
+    reason: str
+
+
+class _Refused(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    doc: str = ""
+    refused: list[_Refusal]
+
+
+@cache
+def refused() -> dict[str, str]:
+    """model_type -> why no table can edit it exactly (architectures/refused.json)."""
+    text = resources.files("ablation").joinpath("architectures", REFUSED).read_text()
+    try:
+        data = _Refused.model_validate(json.loads(text))
+    except (ValidationError, json.JSONDecodeError) as exc:
+        raise RuntimeError(f"architecture file {REFUSED} is invalid: {exc}") from exc
+    return {t: r.reason for r in data.refused for t in r.model_types}
+
+
+@dataclass(frozen=True)
+class Norm:
+    """One norm between a tensor and the stream: its gain tensor and how the gain applies."""
+
+    name: str
+    form: NormForm
+    bias: str | None = None  # a LayerNorm's bias tensor, when it has one
+
+    @property
+    def offset(self) -> float:
+        return NORM_FORMS[self.form][0]
+
+    @property
+    def centred(self) -> bool:
+        return NORM_FORMS[self.form][1]
+
+
 @dataclass(frozen=True)
 class Target:
     """One tensor the orders may edit: what it is, where its hidden axis is, where it lives."""
@@ -131,10 +227,11 @@ class Target:
     hidden_axis: int
     info: TensorInfo
     expert: int | None = None
-    # full name of the RMSNorm between this tensor and the residual stream: applied to a
-    # writer's output (Gemma's sandwich norms) or to a reader's input (pre-norms); its gain
-    # folds into the direction removed
-    norm: str | None = None
+    # the norms between this tensor and the residual stream, with their form: applied to a
+    # writer's output (innermost first: Gemma's sandwich norms, OLMo 2's post-norms) or to a
+    # reader's input (pre-norms); their gains fold into the direction removed. A reader with
+    # none reads the stream itself.
+    norms: tuple[Norm, ...] = ()
     # a quantized weight (info: its codes): its scale tensor (possibly in another shard), the
     # block of elements per scale, and the weight's shape [..., out, in], in which hidden_axis
     # counts (quant.py)
@@ -193,6 +290,7 @@ class Architecture:
         """Every known writer/reader of one decoder layer; errors if a required part is missing."""
         lp = self.layer_prefix(layer)
         held = self.layer_tensors(layer)
+        self._check_norms(layer, lp, held)
         found: list[Target] = []
         for row in self.family.tensors:
             found.extend(self._match(row, lp, held, layer))
@@ -206,6 +304,30 @@ class Architecture:
         self._check_experts(layer, found, held)
         return found
 
+    def _check_norms(self, layer: int, lp: str, held: list[str]) -> None:
+        """A table that lists the norms it places refuses a layer holding another: where a
+        norm sits decides what an exact edit is (OLMo 2's post-norms under the generic
+        table's names would leave the direction in what its sublayers write)."""
+        if self.family.known_norms is None:
+            return
+        placed = {n.removeprefix("?") for r in self.family.tensors for n, _ in r.norms("w")}
+        known = set(self.family.known_norms) | placed
+        other = [
+            n
+            for n in held
+            if "norm" in n.removeprefix(lp)
+            and len(self.index.tensors[n].shape) == 1
+            and self.index.tensors[n].shape[0] == self.hidden_size
+            and n.removeprefix(lp) not in known
+            and n.removeprefix(lp).removesuffix(".bias") + ".weight" not in known
+        ]
+        if other:
+            raise AblationError(
+                f"layer {layer} holds norms the {self.family.family} table does not place "
+                f"({_listing(other, 4)}), so no edit of it can be known to be exact; "
+                f"model_type {self.model_type!r} needs a family table (ablation/architectures)"
+            )
+
     def global_targets(self) -> list[Target]:
         out: list[Target] = []
         for row in self.family.globals:
@@ -215,7 +337,8 @@ class Architecture:
     def _match(self, row: _Row, base: str, held: list[str], layer: int | None) -> list[Target]:
         """The tensors a row names, as plain weights or (the checkpoint being quantized) as
         the codes its scheme stores in their place."""
-        norm = base + row.norm if row.norm else None
+        if row.unless is not None and base + row.unless in self.index.tensors:
+            return []
         templates = [row.name]
         if self.quant is not None and self.quant.data_name(row.name) != row.name:
             templates.append(self.quant.data_name(row.name))
@@ -239,7 +362,28 @@ class Architecture:
             stem = base + row.name.replace(".${expert}", ".0")
             self._check_plain(stem)
             return []
-        return [self._target(n, row, layer, e, norm) for n, e in hits]
+        norms = self._norms(row, base, hits[0][0])
+        return [self._target(n, row, layer, e, norms) for n, e in hits]
+
+    def _norms(self, row: _Row, base: str, name: str) -> tuple[Norm, ...]:
+        out = []
+        for norm, form in row.norms(self.family.norm_form):
+            optional = norm.startswith("?")
+            full = base + norm.removeprefix("?")
+            if full not in self.index.tensors:
+                if optional:
+                    continue
+                raise AblationError(f"tensor {name!r}: its norm {full!r} is missing")
+            bias = full.removesuffix(".weight") + ".bias" if full.endswith(".weight") else None
+            if bias not in self.index.tensors:
+                bias = None
+            if bias is not None and not NORM_FORMS[form][1]:
+                raise AblationError(
+                    f"norm {full!r} has a bias {bias!r}, but the {self.family.family} table "
+                    f"calls it an RMSNorm ({form!r})"
+                )
+            out.append(Norm(full, form, bias))
+        return tuple(out)
 
     def _check_plain(self, name: str) -> None:
         """A weight stored in a format quant.py does not edit is never edited as bytes."""
@@ -259,7 +403,7 @@ class Architecture:
                     )
 
     def _target(
-        self, name: str, row: _Row, layer: int | None, expert: int | None, norm: str | None
+        self, name: str, row: _Row, layer: int | None, expert: int | None, norms: tuple[Norm, ...]
     ) -> Target:
         stored = self.quant.data_name(name) if self.quant else name
         info = self.index.tensors.get(name) or self.index.tensors[stored]
@@ -269,10 +413,13 @@ class Architecture:
                 f"tensor {info.name!r} is {info.dtype}, not a float weight (quantized or "
                 "packed); dequantize the checkpoint first: quantized bytes are never edited"
             )
-        axis = row.hidden_axis
-        if shape is not None and self.quant is not None and self.quant.input_last:
-            axis = _stored_axis(axis, row.input_axis, len(shape))
         logical = shape if shape is not None else info.shape
+        axes = [row.hidden_axis] if isinstance(row.hidden_axis, int) else row.hidden_axis
+        if shape is not None and self.quant is not None and self.quant.input_last:
+            axes = [_stored_axis(a, row.input_axis, len(shape)) for a in axes]
+        axis = next(
+            (a for a in axes if a < len(logical) and logical[a] == self.hidden_size), axes[0]
+        )
         if axis >= len(logical) or logical[axis] != self.hidden_size:
             raise AblationError(
                 f"tensor {info.name!r} has shape {list(logical)}"
@@ -280,9 +427,7 @@ class Architecture:
                 + f", but the {self.family.family} table puts the hidden size "
                 f"{self.hidden_size} on axis {axis}"
             )
-        if norm is not None and norm not in self.index.tensors:
-            raise AblationError(f"tensor {info.name!r}: its norm {norm!r} is missing")
-        return Target(info.name, row.role, layer, axis, info, expert, norm, scale, block, shape)
+        return Target(info.name, row.role, layer, axis, info, expert, norms, scale, block, shape)
 
     def coded(self, info: TensorInfo) -> Coded | None:
         """How a quantized weight's values come out of its stored codes (None for a float
@@ -400,10 +545,23 @@ def _first(config: dict, keys: list[str]) -> int | None:
     return None
 
 
+def _length(config: dict, keys: list[str]) -> int | None:
+    """A count given as one entry per layer (Nemotron-H's layers_block_type or
+    hybrid_override_pattern) rather than as a number."""
+    for cfg in (_text_config(config), config):
+        for key in keys:
+            if isinstance(cfg.get(key), list | str) and cfg[key]:
+                return len(cfg[key])
+    return None
+
+
 def resolve(config: dict, index: ShardIndex) -> Architecture:
     """Bind the family table to a checkpoint, from config.json and the tensor names."""
     model_type = config.get("model_type", "")
     text_type = _text_config(config).get("model_type", "")
+    for t in (model_type, text_type):
+        if t in refused():
+            raise AblationError(f"model_type {t!r} cannot be edited exactly: {refused()[t]}")
     fams = families()
     family = next((f for f in fams.values() if model_type in f.model_types), None) or next(
         (f for f in fams.values() if text_type and text_type in f.model_types), None
@@ -412,7 +570,9 @@ def resolve(config: dict, index: ShardIndex) -> Architecture:
         family = fams["generic"]
         LOG.warning("unknown model_type %r: using the generic tensor names", model_type)
     hidden = _first(config, ["hidden_size", "n_embd", "d_model"])
-    layers = _first(config, ["num_hidden_layers", "n_layer", "num_layers"])
+    layers = _first(config, ["num_hidden_layers", "n_layer", "num_layers"]) or _length(
+        config, ["layers_block_type", "hybrid_override_pattern"]
+    )
     if hidden is None or layers is None:
         raise AblationError("config.json lacks hidden_size or num_hidden_layers")
     prefix = next(

@@ -362,6 +362,12 @@ def demo_model_cmd(out_dir: Path, dtype: str, max_shard_size: str, refusing: boo
     show_default=True,
 )
 @click.option(
+    "--components",
+    default="readers,router",
+    show_default=True,
+    help="Components of the emitted orders (comma-separated; groups: readers, writers).",
+)
+@click.option(
     "--weights",
     type=click.Path(path_type=Path),
     help="Checkpoint directory: add weight-side signal per writer.",
@@ -380,6 +386,7 @@ def analyze(
     out_dir: str | None,
     scale: float,
     method: str,
+    components: str,
     weights: Path | None,
     top_experts: int,
 ) -> None:
@@ -412,7 +419,10 @@ def analyze(
     if emit_orders:
         name = model or meas.metadata.get("model") or "MODEL"
         target = out_dir or f"{Path(name).name}-abliterated"
-        s = report.emit_orders(emit_orders, metrics, refuse_file, name, target, scale, method)
+        parts = tuple(c.strip() for c in components.split(",") if c.strip())
+        s = report.emit_orders(
+            emit_orders, metrics, refuse_file, name, target, scale, method, parts
+        )
         click.echo(
             f"orders     {emit_orders} (measurement {s.measurement}, "
             f"layers {s.layers[0]}-{s.layers[1]})"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 
 from ablation.errors import AblationError
@@ -76,45 +78,88 @@ def target_direction(
     return sparsify(r, sparsity)
 
 
-def norm_direction(r: torch.Tensor, gamma: torch.Tensor, offset: float) -> torch.Tensor:
-    """What to remove from a tensor that meets the residual stream through an RMSNorm with gain
-    g = offset + gamma. A writer whose output enters as g * norm(W x) (Gemma's sandwich norms):
-    r . (g * y) = (g * r) . y, so y must be orthogonal to normalize(g * r). A reader that sees
-    W (g * norm(x)): the component c r of x reaches it as c W (g * r), so W's rows must be
-    orthogonal to normalize(g * r). The same fold for both; a basis [k, hidden] is folded
-    vector by vector and made orthonormal again."""
-    g = gamma.double() + offset  # [hidden]
+@dataclass(frozen=True)
+class Gain:
+    """A norm between a weight and the residual stream, as the math needs it: y = g * x' / d(x)
+    (+ bias) with g = offset + gamma and x' = x (RMSNorm) or x - mean(x) (LayerNorm,
+    `centred`). Up to the per-token denominator and the bias, the norm is the linear map
+    x -> g * C x (C: centring or identity), symmetric in the sense that its transpose is
+    v -> C (g * v)."""
+
+    gamma: torch.Tensor  # [hidden], as stored
+    offset: float = 0.0
+    centred: bool = False
+
+    def _centre(self, v: torch.Tensor) -> torch.Tensor:
+        return v - v.mean(dim=-1, keepdim=True) if self.centred else v  # [k, hidden]
+
+    def apply(self, v: torch.Tensor) -> torch.Tensor:
+        """What a move along each row of v ([k, hidden]) looks like after this norm."""
+        return self._centre(v.double()) * self.g  # [k, hidden] * [hidden]
+
+    def fold(self, v: torch.Tensor) -> torch.Tensor:
+        """The transpose: a direction v after the norm pulled back before it, C (g * v)."""
+        return self._centre(v.double() * self.g)
+
+    def unapply(self, v: torch.Tensor) -> torch.Tensor:
+        """A least-squares inverse of the transpose: w with C (g * w) = C v, 0 where g is 0
+        (a dim the norm's output never carries)."""
+        g = self.g
+        safe = torch.where(g == 0, 1.0, g)
+        return torch.where(g.abs() > EPS, self._centre(v.double()) / safe, 0.0)
+
+    @property
+    def g(self) -> torch.Tensor:
+        return self.gamma.double() + self.offset  # [hidden]
+
+
+def norm_direction(r: torch.Tensor, gains: list[Gain]) -> torch.Tensor:
+    """What to remove from a writer whose output meets the residual stream through norms
+    (innermost first; Gemma's sandwich norm, OLMo 2's post-norms, Gemma 4's two): for the
+    stream to gain nothing along r, the output y needs r . N_out(... N_in(y)) = 0, and since
+    each norm is a per-token scalar times g * (centred) y (plus a constant bias), that is y
+    orthogonal to the direction folded back through every norm, outermost first. A basis
+    [k, hidden] is folded row by row and made orthonormal again."""
+    v = r.double().unsqueeze(0) if r.ndim == 1 else r.double()  # [k, hidden]
+    for gain in reversed(gains):
+        v = gain.fold(v)
     if r.ndim == 1:
-        return normalize(g * r.double(), "norm-folded direction")
-    return orthonormal(g * r.double(), "norm-folded basis")  # [k, hidden] * [hidden]
+        return normalize(v[0], "norm-folded direction")
+    return orthonormal(v, "norm-folded basis")
 
 
-def reader_projection(r: torch.Tensor, gamma: torch.Tensor, offset: float) -> torch.Tensor:
-    """The exact input-side edit of a reader behind an RMSNorm with gain g = offset + gamma:
-    [2, k, hidden], a read basis (orthonormal rows) and a write basis. The reader sees
-    y = g * x / rms(x); for it to see x with its component along r removed,
-    W' y = W (g * (I - r r^T) (y / g)), so W' = W - (W u) v^T with u = g * r, v = r / g
-    (an oblique projection: v . u = 1). Projecting orthogonally to normalize(g * r) instead
-    would also remove whatever other directions share that axis after the gain, which with
-    Gemma's gains (up to a few hundred) changes the model more than the ablation does.
-    Rows then update as w' = w - s (w . read) write, with the pair scaled so that this is
-    exactly W - s (W u) M v^T. Where g is 0 the reader never sees x, so v is 0 there and r . x
-    can only be estimated from the dims it sees: v u^T = I - (r's mass on those dims), and
-    M = (v u^T)^-1 restores v'.u = 1, so the edited reader is blind to every move along r
-    (W' u = 0 exactly; gemma-3-270m has such a gain of exactly 0 in several layers)."""
-    g = gamma.double() + offset  # [hidden]
+def reader_pair(r: torch.Tensor, gains: list[Gain]) -> torch.Tensor:
+    """The exact input-side edit of a reader that sees the stream through norms (from the
+    stream outwards; none: it reads the stream itself): [2, k, hidden], a read basis
+    (orthonormal rows) and a write basis. Up to per-token denominators the reader sees
+    y = A x (+ constants), A the norms' linear maps in turn, so a move along r reaches it as
+    u = A r; W' = W - (W u) M v^T with v^T u = I (M = (v u^T)^-1) is blind to u exactly
+    (W' u = 0) and leaves what it reads of the rest. v solves A^T v = r as far as the norms
+    allow: r / g for an RMSNorm (the edit then equals W reading g * (x without r)), centred
+    first behind a LayerNorm (which never shows the stream's mean), 0 where a gain is 0 (a
+    dim the reader never sees: r . x can only be estimated from the others, and M restores
+    v . u = 1; gemma-3-270m has such gains). Projecting orthogonally to normalize(g * r)
+    instead would also remove whatever other directions share that axis after the gain,
+    which with Gemma's gains (up to a few hundred) changes the model more than the ablation
+    does."""
     q = r.double().unsqueeze(0) if r.ndim == 1 else r.double()  # [k, hidden], orthonormal
-    u = q * g  # [k, hidden]
-    v = torch.where(g.abs() > EPS, q / torch.where(g == 0, 1.0, g), 0.0)  # [k, hidden]
+    u, v = q, q
+    for gain in gains:
+        u, v = gain.apply(u), gain.unapply(v)
     # u = R^T Q_u with Q_u orthonormal rows: W u^T = (W Q_u^T) R, so the write basis is R M v
     qu, rr = torch.linalg.qr(u.T)  # [hidden, k], [k, k]
     if (rr.diagonal().abs() <= EPS * max(1.0, u.norm().item())).any():
         raise AblationError("the norm gain removes the direction entirely (all-zero gain)")
     seen = v @ u.T  # [k, hidden] @ [hidden, k] -> [k, k]: I when no gain is 0
-    if torch.linalg.svdvals(seen).min() < 1e-6:
+    if torch.linalg.svdvals(seen).min() < 1e-6 * max(1.0, seen.abs().max().item()):
         raise AblationError("the norm gain hides the direction from the reader (zero gains)")
     m = torch.linalg.inv(seen)  # [k, k]
     return torch.stack([qu.T, rr @ m @ v])  # [2, k, hidden]: [k, k] @ [k, k] @ [k, hidden]
+
+
+def reader_projection(r: torch.Tensor, gamma: torch.Tensor, offset: float) -> torch.Tensor:
+    """reader_pair behind one RMSNorm with gain offset + gamma."""
+    return reader_pair(r, [Gain(gamma, offset)])
 
 
 def orthonormal(vectors: torch.Tensor, what: str = "basis") -> torch.Tensor:

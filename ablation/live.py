@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import re
+from dataclasses import dataclass
 
 import torch
 
@@ -16,6 +17,15 @@ from ablation.errors import AblationError
 from ablation.rewrite import Plan
 
 LOG = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Swap:
+    """The last element of a Layout index: the parameter holds the checkpoint tensor with these
+    two axes swapped."""
+
+    dim0: int
+    dim1: int
 
 
 class Layout:
@@ -62,7 +72,11 @@ class Layout:
         """The model's current tensor `param` (looked up again: materializing a module
         replaces its tensors), indexed, checked against the checkpoint's shape."""
         t = self.model.get_parameter_or_buffer(param)
+        swap = index[-1] if index and isinstance(index[-1], Swap) else None
+        index = index[:-1] if swap else index
         t = t.data[index] if index else t.data
+        if swap is not None:  # a view: edits through it land in the parameter
+            t = t.transpose(swap.dim0, swap.dim1)
         if tuple(t.shape) != tuple(shape):
             raise AblationError(
                 f"parameter for {name!r} has shape {list(t.shape)}, the checkpoint {list(shape)}"
@@ -97,14 +111,22 @@ class Layout:
         p = self.params[pname]
         if conv is None:
             return pname, ()
-        from transformers.core_model_loading import Concatenate, MergeModulelist
+        from transformers.core_model_loading import Concatenate, MergeModulelist, Transpose
 
         ops = [type(op).__name__ for op in conv.operations]
         index: list = [slice(None)] * p.ndim
         for op in conv.operations:
+            if isinstance(op, Transpose):  # stored transposed (Qwen3-VL-MoE's fused experts)
+                swapped = list(p.shape)
+                swapped[op.dim0], swapped[op.dim1] = swapped[op.dim1], swapped[op.dim0]
+                if tuple(swapped) == tuple(shape) and tuple(p.shape) != tuple(shape):
+                    return pname, (Swap(op.dim0, op.dim1),)
+                if tuple(p.shape) == tuple(shape):
+                    return pname, ()
+                break
             if isinstance(op, MergeModulelist):
-                star = re.escape(pattern).replace(r"\*", r"(\d+)")
-                found = re.search(star, key)
+                # transformers' source patterns are regexes in which "*." stands for an index
+                found = re.search(pattern.replace("*.", r"(\d+)\."), key)
                 if found is None or not found.groups():
                     break
                 index[op.dim] = int(found.group(1))
@@ -121,8 +143,8 @@ class Layout:
             return pname, tuple(index)
         raise AblationError(
             f"checkpoint tensor {name!r} becomes {target!r} through {', '.join(ops)} when "
-            "transformers loads it: the in-memory edit supports stacked and concatenated "
-            "tensors only"
+            "transformers loads it: the in-memory edit supports stacked, concatenated and "
+            "transposed tensors only"
         )
 
 

@@ -17,7 +17,7 @@ from ablation import analysis, orders, quant
 from ablation.checkpoint import ShardFiles
 from ablation.errors import AblationError
 from ablation.refuse import Measurements
-from ablation.rewrite import open_model
+from ablation.rewrite import build_plan, open_model
 
 LOG = logging.getLogger(__name__)
 WRITER_ROLES = {"attn_out", "mlp_out", "expert_out", "shared_expert_out"}
@@ -96,8 +96,12 @@ def emit_orders(
     output: str,
     scale: float = 1.0,
     method: str = "norm-preserving",
+    components: tuple[str, ...] = ("readers", "router"),
 ) -> analysis.Suggestion:
-    """A commented, valid orders file; it is read back through the validator before returning."""
+    """A commented, valid orders file; it is read back through the validator before returning.
+    When the model is a local checkpoint the orders are also planned against it first, so a
+    family whose table cannot do them (no readers known, a norm it cannot place) is one line
+    naming what to use instead, and no file is written."""
     s = analysis.suggest_orders(metrics)
     best = next(m for m in metrics if m.layer == s.measurement)
     body = {
@@ -107,7 +111,7 @@ def emit_orders(
         "method": method,
         "projected": True,
         "scale": scale,
-        "components": ["readers", "router"],
+        "components": list(components),
         "ablate": [
             {
                 "layers": f"{s.layers[0]}-{s.layers[1]}",
@@ -131,9 +135,28 @@ def emit_orders(
         "# Review, then run:\n"
         f"#   python sharded_ablate.py {path} --dry-run\n"
     )
+    _check_plannable(body, path, model, measurements)
     _write(path, header + yaml.safe_dump(body, sort_keys=False))
     orders.load(path)
     return s
+
+
+def _check_plannable(body: dict, path: Path, model: str, measurements: Path) -> None:
+    model_dir = Path(model)
+    if not (model_dir / "config.json").is_file():
+        return  # a Hub id: planned when sharded_ablate.py has the files
+    try:
+        build_plan(orders.from_dict(body, path), model_dir, measurements)
+    except AblationError as exc:
+        parts = ", ".join(body["components"])
+        other = (
+            "--components writers (what the table does know)"
+            if "writers" not in body["components"]
+            else "a family table for it in ablation/architectures"
+        )
+        raise AblationError(
+            f"{model}: orders with components {parts} cannot be applied ({exc}); use {other}"
+        ) from None
 
 
 def weight_signal(

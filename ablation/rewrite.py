@@ -30,7 +30,7 @@ from tqdm import tqdm
 
 from ablation import __version__, directions, edits, lock, quant, refuse
 from ablation import record as record_mod
-from ablation.architecture import READERS, Architecture, Target, resolve
+from ablation.architecture import READERS, Architecture, Norm, Target, resolve
 from ablation.checkpoint import (
     ShardFiles,
     ShardIndex,
@@ -266,6 +266,15 @@ def _plan_layer(plan: Plan, order: LayerOrder, files: ShardFiles) -> None:
         raise AblationError(f"{orders.where(order)}: {exc}") from None
     chosen = [t for t in targets if _selected(t, order.components)]
     wanted_readers = [c for c in order.components if c in READERS]
+    if arch.family.no_readers and (wanted_readers or "router" in order.components):
+        if wanted_readers:
+            raise AblationError(
+                f"{orders.where(order)}: {', '.join(wanted_readers)}: {arch.family.no_readers}; "
+                f"layer {order.layer} holds: " + ", ".join(arch.layer_tensors(order.layer)[:12])
+            )
+        note = f"routers are not edited: {arch.family.no_readers}"
+        if note not in plan.warnings:
+            plan.warnings.append(note)
     if wanted_readers and not any(t.component in wanted_readers for t in chosen):
         raise AblationError(
             f"{orders.where(order)}: layer {order.layer}: no {' or '.join(wanted_readers)} "
@@ -298,15 +307,16 @@ def _selected(t: Target, components: tuple[str, ...]) -> bool:
 def _add(
     plan: Plan, t: Target, key: str, r: torch.Tensor, order: LayerOrder, files: ShardFiles
 ) -> None:
-    if t.norm is not None:
-        gamma = files.read(plan.index.tensors[t.norm])
-        offset = plan.arch.family.norm_offset
-        if t.is_reader:  # the exact input-side edit behind the norm (an oblique projection)
-            key = f"{key}:in:{t.norm}"
-            plan.directions[key] = directions.reader_projection(r, gamma, offset)
-        else:
-            key = f"{key}:{t.norm}"
-            plan.directions[key] = directions.norm_direction(r, gamma, offset)
+    if t.is_reader:  # the exact input-side edit behind its norms (an oblique projection)
+        key = f"{key}:in:" + ",".join(n.name for n in t.norms)
+        if key not in plan.directions:
+            gains = [_gain(n, files, plan) for n in t.norms]
+            plan.directions[key] = directions.reader_pair(r, gains)
+    elif t.norms:
+        key = f"{key}:" + ",".join(n.name for n in t.norms)
+        if key not in plan.directions:
+            gains = [_gain(n, files, plan) for n in t.norms]
+            plan.directions[key] = directions.norm_direction(r, gains)
     oblique = plan.directions[key].ndim == 3
     plan.shards[t.info.shard].append(
         Edit(
@@ -318,6 +328,10 @@ def _add(
             1.0 if t.is_bias else order.rows,
         )
     )
+
+
+def _gain(norm: Norm, files: ShardFiles, plan: Plan) -> directions.Gain:
+    return directions.Gain(files.read(plan.index.tensors[norm.name]), norm.offset, norm.centred)
 
 
 def pick_device(requested: str | None) -> torch.device:

@@ -128,7 +128,7 @@ def test_in_place_edit_does_not_allocate_a_copy():
 def test_norm_direction_makes_residual_contribution_orthogonal():
     r = unit(32).double()
     gamma = torch.randn(32).double()
-    d = directions.norm_direction(r, gamma, 1.0).double()
+    d = directions.norm_direction(r, [directions.Gain(gamma, 1.0)]).double()
     w = edits.project_out(
         torch.randn(32, 20, dtype=torch.float64), d, 0, EditSpec(1.0, True, torch.float64)
     )

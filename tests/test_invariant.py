@@ -6,36 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 from conftest import ALL_COMPONENTS, HIDDEN, run_cli
+from zoo import residual_streams
 
 transformers = pytest.importorskip("transformers")
-
-
-def residual_streams(model, input_ids: torch.Tensor) -> list[torch.Tensor]:
-    """The residual stream entering every decoder layer, and leaving the last one."""
-    layers = model.model.layers
-    seen: list[torch.Tensor] = []
-    hooks = [
-        layer.register_forward_pre_hook(
-            lambda _m, args, kwargs: seen.append(
-                (args[0] if args else kwargs["hidden_states"]).detach().clone()
-            ),
-            with_kwargs=True,
-        )
-        for layer in layers
-    ]
-    hooks.append(
-        layers[-1].register_forward_hook(
-            lambda _m, _a, out: seen.append((out[0] if isinstance(out, tuple) else out).detach())
-        )
-    )
-    try:
-        with torch.no_grad():
-            model(input_ids)
-    finally:
-        for h in hooks:
-            h.remove()
-    assert len(seen) == len(layers) + 1
-    return seen
 
 
 def worst_alignment(streams: list[torch.Tensor], r: torch.Tensor) -> float:

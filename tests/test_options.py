@@ -83,7 +83,7 @@ def test_subspace_from_states_starts_with_the_direction():
 def test_norm_folded_basis_makes_contributions_orthogonal():
     q = _basis(3, 24)
     gamma = torch.randn(24, dtype=torch.float64)
-    qg = directions.norm_direction(q, gamma, 1.0)
+    qg = directions.norm_direction(q, [directions.Gain(gamma, 1.0)])
     y = torch.randn(100, 24, dtype=torch.float64)
     y = y - (y @ qg.T) @ qg  # a writer's output after the edit
     assert ((y * (1 + gamma)) @ q.T).abs().max().item() < 1e-12  # what reaches the stream
@@ -170,7 +170,7 @@ def test_readers_edit_equals_removing_r_from_what_they_read(tiny, tmp_path):
     params = dict(model.named_parameters())
     hooks = []
     for e in plan.edits:
-        g = 1.0 + params[e.target.norm].detach().double()  # Gemma: (1 + w)
+        g = 1.0 + params[e.target.norms[0].name].detach().double()  # Gemma: (1 + w)
 
         def pre(_m, args, g=g):
             y = args[0].double()
@@ -316,9 +316,9 @@ def test_readers_of_every_family_are_blind_to_r(family, checkpoint, tmp_path):
     roles = plan.counts_by_role()
     assert roles.get("attn_in", 0) >= n and (roles.get("mlp_in", 0) or roles.get("expert_in"))
     params, old = _tensors(tmp_path / "out"), _tensors(model_dir)  # names as on disk
-    offset = plan.arch.family.norm_offset
     for e in plan.edits:
-        g = offset + old[e.target.norm].double() if e.target.norm else 1.0
+        norm = e.target.norms[0] if e.target.norms else None
+        g = norm.offset + old[norm.name].double() if norm else 1.0
         w = params[e.target.name].double().movedim(e.target.hidden_axis, -1)
         w0 = old[e.target.name].double().movedim(e.target.hidden_axis, -1)
         gr = g * r.double()
