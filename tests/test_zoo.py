@@ -382,3 +382,46 @@ def test_in_memory_edit_equals_the_rewritten_checkpoint(key, tmp_path):
     live.restore(model, plan.index, touched)
     for k, v in model.state_dict().items():
         assert torch.equal(v, fresh[k]), k
+
+
+def check_head(model_dir: Path, tmp_path: Path) -> None:
+    """components [head] alone: the output head reads the final stream through the norm the
+    table names, in its gain form (found behaviourally, as for the readers), and after the edit
+    a move of the final stream along r changes the logits by the norm's denominator only. A
+    head tied to the embeddings is written untied: the embeddings keep their bytes."""
+    n = zoo.num_layers(model_dir)
+    orders = _orders(
+        tmp_path,
+        model_dir,
+        n,
+        _direction(5),
+        components=["head"],
+        ablate=[{"layer": n - 1, "measurement": 1}],
+    )
+    res = run_cli("ablate", orders)
+    assert res.exit_code == 0, res.output + res.stderr
+    assert run_cli("verify", tmp_path / "out", "--orders", orders).exit_code == 0
+    plan = rewrite.build_plan(orders_mod.load(orders), model_dir, tmp_path / "m.refuse")
+    (e,) = plan.edits
+    (norm,) = e.target.norms
+    base, edited = zoo.load(model_dir), zoo.load(tmp_path / "out")
+    if e.target.write_as:  # untied: the embeddings as they were, the head edited
+        assert torch.equal(edited.get_input_embeddings().weight, base.get_input_embeddings().weight)
+        assert edited.get_output_embeddings().weight is not edited.get_input_embeddings().weight
+    norm_module = _module_of(Layout(base), norm.name, tuple(plan.index.tensors[norm.name].shape))
+    read = zoo.head_read(base, norm_module)
+    assert len(read.chain) == 1, "the head does not read the final norm's output"
+    step = read.chain[0]
+    assert norm.form in FORMS[step.form], f"the final norm is a {step.form}, not {norm.form}"
+    weights = {}
+    for f in model_dir.glob("*.safetensors"):
+        weights.update(load_file(f))
+    assert zoo.gains_agree(step.gain, weights[norm.name].double() + norm.offset)
+    r = plan.directions["head"].float()
+    assert zoo.head_change(edited, norm_module, read, r) < 1e-4
+    assert zoo.head_change(base, norm_module, read, r) > 1e-2
+
+
+@pytest.mark.parametrize("key", KEYS)
+def test_head_reads_through_the_final_norm(key, tmp_path):
+    check_head(_checkpoint(key, tmp_path), tmp_path)

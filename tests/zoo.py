@@ -476,24 +476,11 @@ def perturbed_change(
     out: dict[str, float] = {}
     for m in modules:
         read = info.readers[m]
-        u = r.double()  # r as the reader sees it: through each norm's centring and gain
-        for step in read.chain:
-            if step.form.startswith("layernorm"):
-                u = u - u.mean()
-            u = u * step.gain.double()
-        last = read.chain[-1].bias if read.chain else None
-        bias = last.double() if last is not None else torch.zeros(hidden).double()
         worst = 0.0
         assert len(base[m]) == len(moved[m]), f"{m}: called a different number of times"
         for (_a0, _k0, z0, _o0), (a1, k1, z1, o1) in zip(base[m], moved[m], strict=True):
-            x0 = z0.double().reshape(-1, hidden) - bias  # [n, hidden]
-            x1 = z1.double().reshape(-1, hidden) - bias
-            # per row, x1 = alpha x0 + beta u: the denominator (and any routing weight) and r
-            basis = torch.stack([x0, u.expand_as(x0)], dim=-1)  # [n, hidden, 2]
-            coef = torch.linalg.lstsq(basis, x1.unsqueeze(-1)).solution  # [n, 2, 1]
-            fit = (basis @ coef).squeeze(-1)  # [n, hidden, 2] @ [n, 2, 1] -> [n, hidden]
-            miss = ((x1 - fit).norm() / x1.norm().clamp_min(1e-300)).item()
-            want = (coef[:, 0] * x0 + bias).to(z0.dtype).reshape(z0.shape)
+            want, miss = _without_r(read, r, z0.reshape(-1, hidden), z1.reshape(-1, hidden))
+            want = want.reshape(z0.shape)
             where, key = _input_slot(a1, k1)
             args = (want, *a1[1:]) if where == "args" else a1
             kwargs = k1 if where == "args" else {**k1, key: want}
@@ -505,6 +492,76 @@ def perturbed_change(
                 worst = max(worst, ((x - y).abs().max() / scale).item())
         out[m] = worst
     return out
+
+
+def _without_r(read: Read, r: torch.Tensor, z0: torch.Tensor, z1: torch.Tensor) -> tuple:
+    """What a reader would see had the stream not moved along r: per row, z1 - bias = alpha
+    (z0 - bias) + beta u, u being r as the reader sees it (through each norm's centring and
+    gain), alpha the denominator (and any routing weight). -> (alpha (z0 - bias) + bias in
+    z0's dtype, the fit's relative miss)."""
+    hidden = z0.shape[-1]
+    u = r.double()
+    for step in read.chain:
+        if step.form.startswith("layernorm"):
+            u = u - u.mean()
+        u = u * step.gain.double()
+    last = read.chain[-1].bias if read.chain else None
+    bias = last.double() if last is not None else torch.zeros(hidden).double()
+    x0, x1 = z0.double() - bias, z1.double() - bias  # [n, hidden]
+    basis = torch.stack([x0, u.expand_as(x0)], dim=-1)  # [n, hidden, 2]
+    coef = torch.linalg.lstsq(basis, x1.unsqueeze(-1)).solution  # [n, 2, 1]
+    fit = (basis @ coef).squeeze(-1)  # [n, hidden, 2] @ [n, 2, 1] -> [n, hidden]
+    miss = ((x1 - fit).norm() / x1.norm().clamp_min(1e-300)).item()
+    return (coef[:, 0] * x0 + bias).to(z0.dtype), miss
+
+
+def _final(model: torch.nn.Module, norm: str, moved: float = 0.0, r=None) -> tuple:
+    """One pass: (final norm's input, head's input, head's output) as [N, ...] rows, with
+    moved * r added to the final norm's input."""
+    hidden = model.config.get_text_config().hidden_size
+    head = model.get_output_embeddings()
+    got: dict = {}
+
+    def pre(_m, args, kwargs):
+        t = _first_tensor(args, kwargs)
+        got["x"] = t.detach().reshape(-1, hidden).clone()
+        if moved:
+            where, key = _input_slot(args, kwargs)
+            t = t + moved * r.to(t.dtype)
+            return ((t, *args[1:]), kwargs) if where == "args" else (args, {**kwargs, key: t})
+        return None
+
+    def head_pre(_m, args):
+        got["z"] = args[0].detach().reshape(-1, hidden).clone()
+
+    def head_post(_m, _a, out):
+        got["o"] = out.detach().reshape(-1, out.shape[-1]).clone()
+
+    hooks = [
+        model.get_submodule(norm).register_forward_pre_hook(pre, with_kwargs=True),
+        head.register_forward_pre_hook(head_pre),
+        head.register_forward_hook(head_post),
+    ]
+    run_hooked(model, IDS_FOR_PERTURBATION, hooks)
+    return got["x"], got["z"], got["o"]
+
+
+def head_read(model: torch.nn.Module, norm: str) -> Read:
+    """How the output head reads the stream that the final norm `norm` receives."""
+    x, z, _ = _final(model, norm)
+    state, form, gain, bias = _classify_full(z, [x])
+    return Read("head", state, [] if state < 0 or form == "none" else [Step(form, gain, bias)])
+
+
+def head_change(model: torch.nn.Module, norm: str, read: Read, r: torch.Tensor) -> float:
+    """As perturbed_change, for the output head: the final stream moved along r."""
+    x0, z0, _ = _final(model, norm)
+    c = 0.5 * x0.double().norm(dim=-1).mean().item()
+    _, z1, o1 = _final(model, norm, c, r)
+    want, _ = _without_r(read, r, z0, z1)
+    with torch.no_grad():
+        again = model.get_output_embeddings()(want)
+    return ((again - o1).abs().max() / o1.abs().max().clamp_min(1e-30)).item()
 
 
 IDS_FOR_PERTURBATION = torch.randint(3, 128, (2, 7), generator=torch.Generator().manual_seed(1))
