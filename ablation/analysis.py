@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 
 import torch
 
+from ablation.errors import AblationError
 from ablation.refuse import Measurements
 
 
@@ -152,7 +154,93 @@ class Suggestion:
 SATURATION = 0.01  # a layer separates "fully" when its AUROC is within this of the best
 
 
-def suggest_orders(metrics: list[LayerMetrics]) -> Suggestion:
+@dataclass(frozen=True)
+class Candidate:
+    """A point the causal check tries: the direction of `measurement` removed from the stream
+    entering every layer from `start` on."""
+
+    measurement: int
+    start: int
+
+
+@dataclass(frozen=True)
+class Outcome:
+    candidate: Candidate
+    opener_mass: float  # harmful prompts: mean first-token probability of the refusal openers
+    kl: float  # harmless prompts: mean first-token KL(untouched || probed)
+
+
+@dataclass
+class ProbeReport:
+    """What the causal check tried (stored in the .refuse file's metadata as JSON)."""
+
+    base_mass: float  # the untouched model's opener mass
+    openers: int  # how many tokens the refusal openers are
+    outcomes: list[Outcome]
+
+    def to_json(self) -> str:
+        return json.dumps(
+            {
+                "base_mass": self.base_mass,
+                "openers": self.openers,
+                "outcomes": [
+                    [o.candidate.measurement, o.candidate.start, o.opener_mass, o.kl]
+                    for o in self.outcomes
+                ],
+            }
+        )
+
+    @classmethod
+    def from_json(cls, text: str) -> ProbeReport:
+        d = json.loads(text)
+        return cls(
+            float(d["base_mass"]),
+            int(d["openers"]),
+            [
+                Outcome(Candidate(int(m), int(s)), float(o), float(k))
+                for m, s, o, k in d["outcomes"]
+            ],
+        )
+
+
+def probe_report(meas: Measurements) -> ProbeReport | None:
+    """The causal check's report that measure --probe stored in the file, if any."""
+    text = meas.metadata.get("probe")
+    if not text:
+        return None
+    try:
+        return ProbeReport.from_json(text)
+    except (ValueError, KeyError, TypeError) as exc:
+        raise AblationError(f"the .refuse file's probe report is unreadable ({exc})") from exc
+
+
+PROBE_LEFT = 0.1  # a candidate removes the refusal openers when it leaves this share of their mass
+
+
+def probe_candidates(metrics: list[LayerMetrics], spread: int = 1) -> list[Candidate]:
+    """The points worth a pass: as measurement, the saturation rule's layer and the best-scored
+    one (where the direction is read best may lie after where it is first readable); as first
+    edited layer, each of them and its neighbours."""
+    n = len(metrics)
+    centres = sorted({suggest_orders(metrics).measurement, ranking(metrics)[0].layer})
+    starts = sorted({c + d for c in centres for d in range(-spread, spread + 1) if 1 <= c + d < n})
+    usable = {m.layer for m in metrics if m.refuse_norm > 0}
+    return [Candidate(m, s) for m in centres if m in usable for s in starts]
+
+
+def probe_choice(report: ProbeReport) -> Outcome:
+    """The cheapest point that removes the refusal openers: of the candidates that leave at
+    most PROBE_LEFT of the untouched model's opener mass, the one editing the fewest layers
+    (the latest start), then the smallest KL; where none does, the one leaving the least."""
+    if not report.outcomes:
+        raise ValueError("the causal check tried no candidates")
+    enough = [o for o in report.outcomes if o.opener_mass <= PROBE_LEFT * report.base_mass]
+    if enough:
+        return min(enough, key=lambda o: (-o.candidate.start, o.kl, o.candidate.measurement))
+    return min(report.outcomes, key=lambda o: (o.opener_mass, o.kl))
+
+
+def suggest_orders(metrics: list[LayerMetrics], probe: ProbeReport | None = None) -> Suggestion:
     """Where the refusal decision becomes readable, and everything after it.
 
     The measurement is the first layer (away from the first tenth) whose AUROC comes within
@@ -163,8 +251,12 @@ def suggest_orders(metrics: list[LayerMetrics]) -> Suggestion:
     without touching what earlier layers compute. Measured on the refusing demo model (see
     README, Defaults): earlier measurement layers carry too little of the direction, later
     ones leave the decision made; per-layer directions and writer-only edits did worse.
-    Files without per-prompt projections have no AUROC: the best-scoring layer is taken."""
+    Files without per-prompt projections have no AUROC: the best-scoring layer is taken.
+    A file with the causal check's report (measure --probe) takes its choice (probe_choice)."""
     n = len(metrics)
+    if probe is not None and probe.outcomes:
+        c = probe_choice(probe).candidate
+        return Suggestion(c.measurement, (c.start, n - 1), "probe")
     margin = max(1, round(0.1 * n))
     inner = [m for m in metrics if margin <= m.layer <= n - 1 - margin] or metrics
     scored = [m for m in inner if m.auroc is not None]

@@ -305,6 +305,20 @@ def _run_options(split: str) -> Callable[[Callable], Callable]:
     help="Run the model one decoder layer at a time, read from the shards (memory: about two "
     "layers plus the prompts' states). Default: only when the model does not fit in memory.",
 )
+@click.option(
+    "--probe",
+    is_flag=True,
+    help="The causal check: remove candidate directions from the stream with hooks from "
+    "candidate layers on and read the refusal openers' first-token probability (one pass per "
+    "candidate, no generation); analyze then writes the cheapest candidate that removes them.",
+)
+@click.option(
+    "--probe-prompts",
+    type=click.IntRange(min=1),
+    default=128,
+    show_default=True,
+    help="Prompts per set the causal check runs (spread evenly over the measure prompts).",
+)
 @_verbosity
 def measure(**kwargs: Any) -> None:
     """Measure per-layer refusal directions and write a .refuse file."""
@@ -437,7 +451,15 @@ def analyze(
         target = out_dir or f"{Path(name).name}-abliterated"
         parts = tuple(c.strip() for c in components.split(",") if c.strip())
         s = report.emit_orders(
-            emit_orders, metrics, refuse_file, name, target, scale, method, parts
+            emit_orders,
+            metrics,
+            refuse_file,
+            name,
+            target,
+            scale,
+            method,
+            parts,
+            analysis.probe_report(meas),
         )
         click.echo(
             f"orders     {emit_orders} (measurement {s.measurement}, "

@@ -374,15 +374,19 @@ def build_refusing(
     out_dir: Path, r: Recipe = RECIPE, base_dir: Path | None = None, train: bool = False
 ) -> Path:
     """The refusing model of one recipe: the committed adapter merged into the base, or (train,
-    or no adapter committed) the adapter trained first, in a fresh process, into out_dir's
-    sibling folder NAME.adapter."""
+    or no adapter committed) the adapter trained first, in a fresh process; with train it is
+    kept beside out_dir as OUT_DIR.adapter, else it is gone with the merge."""
+    import tempfile
+
     if (out_dir / "config.json").exists():
         raise AblationError(f"{out_dir} already holds a checkpoint")
     adapter = adapter_dir(r)
-    if train or not (adapter / "adapter_config.json").is_file():
-        adapter = out_dir.with_name(out_dir.name + ".adapter")
+    if not train and (adapter / "adapter_config.json").is_file():
+        return merge_adapter(adapter, out_dir, base_dir)
+    with tempfile.TemporaryDirectory(prefix="adapter-") as tmp:
+        adapter = out_dir.with_name(out_dir.name + ".adapter") if train else Path(tmp)
         _in_fresh_process("train_adapter", r.name, adapter)
-    return merge_adapter(adapter, out_dir, base_dir)
+        return merge_adapter(adapter, out_dir, base_dir)
 
 
 def _step_loss(model, batch: list[tuple[list[int], list[int], float]], pad: int) -> torch.Tensor:

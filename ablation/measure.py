@@ -12,7 +12,7 @@ from pathlib import Path
 import psutil
 from tqdm import tqdm
 
-from ablation import __version__, activations, analysis, directions, prompts, refuse, stream
+from ablation import __version__, activations, analysis, directions, probe, prompts, refuse, stream
 from ablation.errors import AblationError
 from ablation.hub import resolve_model
 from ablation.system import human_bytes, peak_rss
@@ -41,6 +41,8 @@ class MeasureOptions:
     keep_projections: bool = True
     require_template: bool = False
     stream_layers: bool | None = None  # None: stream when the model does not fit in memory
+    probe: bool = False  # the causal check of the measurement and first edited layer
+    probe_prompts: int = 128  # per set, spread evenly over the measure prompts
 
 
 @dataclass
@@ -52,6 +54,7 @@ class MeasureSummary:
     peak_rss: int
     auroc: dict[int, float]
     streamed: stream.Stats | None = None
+    probe: analysis.ProbeReport | None = None
 
     def lines(self) -> list[str]:
         n = self.n_harmful + self.n_harmless
@@ -67,6 +70,16 @@ class MeasureSummary:
             best = max(self.auroc, key=lambda k: self.auroc[k])
             out.append(f"separation best AUROC {self.auroc[best]:.3f} at layer {best}")
             out.append("AUROC      " + " ".join(f"{k}:{v:.2f}" for k, v in self.auroc.items()))
+        if self.probe is not None and self.probe.outcomes:
+            out.append(
+                f"probe      {len(self.probe.outcomes)} candidates, {self.probe.openers} "
+                f"refusal openers holding {self.probe.base_mass:.3f} of the first token"
+            )
+            c = analysis.probe_choice(self.probe)
+            out.append(
+                f"probe pick measurement {c.candidate.measurement} from layer "
+                f"{c.candidate.start}: openers {c.opener_mass:.3f}, harmless KL {c.kl:.4f}"
+            )
         return out
 
 
@@ -115,22 +128,39 @@ def run(opts: MeasureOptions) -> tuple[refuse.Measurements, MeasureSummary]:
         num_experts=num_experts,
         top_k=top_k,
     )
-    if streamed:
-        try:
+    report = None
+    try:
+        if streamed:
             with activations.oom_is_user_error(opts.batch_size):
                 got_harmful, got_harmless = stream.collect(
                     streamer, [harmful_ids, harmless_ids], **kw
                 )
-        finally:
+        else:
+            with tqdm(
+                total=len(harmful) + len(harmless), unit="prompt", desc="measure", disable=None
+            ) as bar:
+                got_harmful = activations.collect(model, harmful_ids, progress=bar.update, **kw)
+                got_harmless = activations.collect(model, harmless_ids, progress=bar.update, **kw)
+        meas, aurocs = assemble(got_harmful, got_harmless, opts.projected)
+        if opts.probe:
+            sets = (
+                probe.spread(harmful_ids, opts.probe_prompts),
+                probe.spread(harmless_ids, opts.probe_prompts),
+                pad,
+                opts.batch_size,
+            )
+            logits_of = (
+                probe.streamed(streamer, *sets) if streamed else probe.in_memory(model, *sets)
+            )
+            with activations.oom_is_user_error(opts.batch_size):
+                report = probe.run(
+                    logits_of, meas, analysis.probe_candidates(analysis.layer_metrics(meas))
+                )
+            meas.metadata["probe"] = report.to_json()
+    finally:
+        if streamed:
             streamer.close()
-    else:
-        with tqdm(
-            total=len(harmful) + len(harmless), unit="prompt", desc="measure", disable=None
-        ) as bar:
-            got_harmful = activations.collect(model, harmful_ids, progress=bar.update, **kw)
-            got_harmless = activations.collect(model, harmless_ids, progress=bar.update, **kw)
     seconds = time.perf_counter() - start
-    meas, aurocs = assemble(got_harmful, got_harmless, opts.projected)
     meas.metadata.update(
         {
             "model": opts.model,
@@ -164,6 +194,7 @@ def run(opts: MeasureOptions) -> tuple[refuse.Measurements, MeasureSummary]:
         max(rss, peak_rss()),
         aurocs,
         streamer.stats if streamed else None,
+        report,
     )
     return meas, summary
 

@@ -97,13 +97,19 @@ def emit_orders(
     scale: float = 1.0,
     method: str = "norm-preserving",
     components: tuple[str, ...] = ("readers", "router"),
+    probe_report: analysis.ProbeReport | None = None,
 ) -> analysis.Suggestion:
     """A commented, valid orders file; it is read back through the validator before returning.
     When the model is a local checkpoint the orders are also planned against it first, so a
     family whose table cannot do them (no readers known, a norm it cannot place) is one line
     naming what to use instead, and no file is written."""
-    s = analysis.suggest_orders(metrics)
+    s = analysis.suggest_orders(metrics, probe_report)
     best = next(m for m in metrics if m.layer == s.measurement)
+    if s.rule == "probe" and "readers" in components and "head" not in components:
+        # the check removed the direction from the stream itself, which the output head reads
+        # too: readers alone leave it the identity path (on the refusing demo model, readers
+        # 17-17 alone kept 98% of the refusals; with the head, 0%)
+        components = (*components, "head")
     body = {
         "model": model,
         "measurements": str(measurements),
@@ -120,25 +126,53 @@ def emit_orders(
             }
         ],
     }
-    why = (
-        f"the first layer whose auroc ({_fmt(best.auroc, '.3f')}) is within "
-        f"{analysis.SATURATION} of the best"
-        if s.rule == "saturation"
-        else f"the best score ({best.score:.3g}; no per-prompt projections in the file)"
-    )
+    why = {
+        "saturation": f"the first layer whose auroc ({_fmt(best.auroc, '.3f')}) is within "
+        f"{analysis.SATURATION} of the best, away from the first layers",
+        "score": f"the best score ({best.score:.3g}; no per-prompt projections in the file), "
+        "away from the first layers",
+        "probe": "the causal check's pick (measure --probe; what it tried is listed below)",
+    }[s.rule]
     header = (
         f"# Starting marching orders written by analyze.py from {measurements}.\n"
-        f"# Measurement layer {s.measurement}: {why}, away from the first layers.\n"
+        f"# Measurement layer {s.measurement}: {why}.\n"
         f"# Layers {s.layers[0]}-{s.layers[1]}: from there on, every module that reads the\n"
         "# residual stream (attention q/k/v, MLP and expert gate/up, routers) stops reading the\n"
         "# direction: the weights do what removing it from the stream from that layer on does.\n"
         "# Review, then run:\n"
         f"#   python sharded_ablate.py {path} --dry-run\n"
     )
+    if s.rule == "probe" and probe_report is not None:
+        header += probe_comment(probe_report)
+        if "head" in components:
+            header += (
+                "# The output head is edited too (components: head): the check removed the\n"
+                "# direction from the stream, and the head reads the stream past the last layer.\n"
+            )
     _check_plannable(body, path, model, measurements)
     _write(path, header + yaml.safe_dump(body, sort_keys=False))
     orders.load(path)
     return s
+
+
+def probe_comment(report: analysis.ProbeReport) -> str:
+    """Every candidate the causal check tried, in the order it tried them, as comment lines."""
+    pick = analysis.probe_choice(report)
+    lines = [
+        "# Causal check: the direction of layer M removed from the stream entering every layer",
+        f"# from S on (hooks, first token only). Untouched: the {report.openers} refusal opener",
+        f"# tokens hold {report.base_mass:.3f} of the first token after harmful prompts; a",
+        f"# candidate removes them when it leaves <= {analysis.PROBE_LEFT:g} of that; the pick is",
+        "# the latest S that does (fewest layers edited), then the lowest harmless KL.",
+        "#    M   S  openers  harmless KL",
+    ]
+    for o in report.outcomes:
+        mark = "  <- pick" if o is pick else ""
+        c = o.candidate
+        lines.append(
+            f"#  {c.measurement:3d} {c.start:3d}  {o.opener_mass:7.3f}  {o.kl:11.4f}{mark}"
+        )
+    return "\n".join(lines) + "\n"
 
 
 def _check_plannable(body: dict, path: Path, model: str, measurements: Path) -> None:

@@ -216,16 +216,18 @@ def orders_body(values: dict[str, Any], num_layers: int) -> dict[str, Any]:
     }
 
 
-def seed_values(bound: Bound, measurement: int) -> list[tuple[str, dict[str, Any]]]:
+def seed_values(bound: Bound, measurement: int, start: int = 0) -> list[tuple[str, dict[str, Any]]]:
     """The first trials, as the searched parameters to enqueue: analyze's suggestion (readers
     from the measurement layer to the last, scale 1, no writers), then two neighbours that edit
     less of the model. The suggestion starts at the earliest layer with the full signal, the
     most editing end of the choices that work, so what a short search most often misses is the
     same edit starting one layer later or at 0.75 of the strength: the sampler's first trials
-    are random and rarely land there. A seed the space cannot express is left out."""
+    are random and rarely land there. A seed the space cannot express is left out. `start`:
+    the first edited layer's offset from the measurement (the causal check's pick may start
+    later)."""
     suggestion = {
         "measurement": measurement,
-        "start": 0,
+        "start": start,
         "end": 0,
         "attn_readers": 1.0,
         "mlp_readers": 1.0,
@@ -235,7 +237,7 @@ def seed_values(bound: Bound, measurement: int) -> list[tuple[str, dict[str, Any
     }
     seeds = [
         ("analyze's suggestion", suggestion),
-        ("analyze's suggestion from one layer later", {**suggestion, "start": 1}),
+        ("analyze's suggestion from one layer later", {**suggestion, "start": start + 1}),
         (
             "analyze's suggestion at 0.75",
             {**suggestion, "attn_readers": 0.75, "mlp_readers": 0.75},

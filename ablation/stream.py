@@ -480,12 +480,14 @@ def last_logits(
     pad_id: int,
     batch_size: int,
     desc: str = "logits",
+    visit: Callable[[int, int, torch.Tensor], None] | None = None,
 ) -> list[torch.Tensor]:
     """The raw next-token logits after each prompt of each set, [n, vocab] per set in input
-    order (float32, on the CPU): activations.next_token_logits in one stream of the weights."""
+    order (float32, on the CPU): activations.next_token_logits in one stream of the weights
+    (visit as for Streamer.run)."""
     batches = _all_batches(streamer, sets, pad_id, batch_size)
     with tqdm(total=streamer.num_layers, unit="layer", desc=desc, disable=None) as bar:
-        states = streamer.run(batches, progress=bar)
+        states = streamer.run(batches, visit, progress=bar)
     logits = streamer.head(batches, states)
     vocab = logits[0].shape[-1]
     out = [torch.zeros((len(s), vocab), dtype=torch.float32) for s in sets]

@@ -335,7 +335,7 @@ def run(opts: TuneOptions) -> Result:
         )
     bound = space.bind(space.load(opts.space), n, opts.space)
     metrics = analysis.layer_metrics(sources.measurements)
-    suggestion = analysis.suggest_orders(metrics)
+    suggestion = analysis.suggest_orders(metrics, analysis.probe_report(sources.measurements))
     harmful, _ = prompts.load(opts.harmful, "harmful", "tune", opts.text_field, opts.max_prompts)
     harmless, _ = prompts.load(opts.harmless, "harmless", "tune", opts.text_field, opts.max_prompts)
     opts.output.mkdir(parents=True, exist_ok=True)
@@ -344,7 +344,9 @@ def run(opts: TuneOptions) -> Result:
     study, url = open_study(opts, identity, _sampler(bound, opts.seed, salt))
     LOG.info("study %r in %s: %d trials so far", opts.study_name, url, len(study.trials))
     if not study.trials:
-        for label, values in space.seed_values(bound, suggestion.measurement):
+        for label, values in space.seed_values(
+            bound, suggestion.measurement, suggestion.layers[0] - suggestion.measurement
+        ):
             study.enqueue_trial(values, user_attrs={"enqueued": label}, skip_if_exists=True)
     _requeue_interrupted(study)
 
